@@ -1,0 +1,156 @@
+"""The appliance's TOML configuration: schema, defaults and validation.
+
+One file, sections `[session]`, `[models]` and `[agent]`. `[session]` carries the options of
+the AgentSession reference with the reference's names and defaults; `session.turn_handling()`
+maps them onto livekit-agents 1.8.9's grouped options. Errors name the file, the key, the bad
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 on JetPack 6
+    import tomli as tomllib
+
+STT_MODELS = ("whisper/tiny.en",)
+LLM_MODELS = ("llama.cpp/smollm2-135m-instruct",)
+TTS_MODELS = ("piper/en_US-joe-medium",)
+VAD_MODELS = ("silero",)
+TURN_MODELS = ("livekit/turn-detector-v1-mini", "smart-turn/v3.2")
+BUILTIN_TOOLS = ("current_time", "end_conversation")
+
+DEFAULT_INSTRUCTIONS = (
+    "You are a helpful voice assistant running on a small offline device. "
+    "Answer in one or two short spoken sentences. Do not use lists, markdown or emoji."
+)
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the operator."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class SessionConfig(_Section):
+    """The AgentSession reference's options, with the reference's defaults."""
+
+    allow_interruptions: bool = True
+    min_interruption_duration: float = Field(0.5, ge=0.0, le=10.0)
+    min_interruption_words: int = Field(0, ge=0, le=50)
+    min_endpointing_delay: float = Field(0.5, ge=0.0, le=10.0)
+    max_endpointing_delay: float = Field(3.0, ge=0.0, le=30.0)
+    preemptive_generation: bool = False
+    turn_detection: Literal["model", "vad", "stt", "manual"] = "model"
+    userdata: dict[str, Any] = Field(default_factory=dict)
+    user_away_timeout: float | None = Field(15.0, ge=0.0)
+
+
+class ModelsConfig(_Section):
+    """Which local models to use, by the reference's "provider/model" strings."""
+
+    dir: str = ""
+    stt: Literal["whisper/tiny.en"] = "whisper/tiny.en"
+    llm: Literal["llama.cpp/smollm2-135m-instruct"] = "llama.cpp/smollm2-135m-instruct"
+    tts: Literal["piper/en_US-joe-medium"] = "piper/en_US-joe-medium"
+    vad: Literal["silero"] = "silero"
+    turn_model: Literal["livekit/turn-detector-v1-mini", "smart-turn/v3.2"] = (
+        "livekit/turn-detector-v1-mini"
+    )
+    threads: int = Field(2, ge=1, le=64)
+    llm_context: int = Field(2048, ge=256, le=131072)
+    llm_max_tokens: int = Field(96, ge=1, le=4096)
+    llm_temperature: float = Field(0.3, ge=0.0, le=2.0)
+    stt_interim_interval: float = Field(1.0, ge=0.0, le=10.0)
+    verify: bool = True
+
+
+class AgentConfig(_Section):
+    """The agent: what it is told, what it says first, which tools it may call."""
+
+    instructions: str = Field(DEFAULT_INSTRUCTIONS, min_length=1)
+    greeting: str = ""
+    tools: list[Literal["current_time", "end_conversation"]] = Field(default_factory=list)
+    tool_choice: str = "auto"
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, value: str) -> str:
+        allowed = ("auto", "required", "none", *BUILTIN_TOOLS)
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(repr(a) for a in allowed)}")
+        return value
+
+
+class Config(_Section):
+    """The whole configuration file."""
+
+    session: SessionConfig = Field(default_factory=SessionConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    source: str = Field("<defaults>", exclude=True)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = error["loc"]
+    section = f"[{key[0]}]" if key else "(top level)"
+    name = ".".join(str(part) for part in key[1:])
+    where = f"{section} {name}".strip()
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    if error["type"] == "missing":
+        return f"{where}: required key is missing"
+    value = error.get("input")
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where} = {value!r}: {message}"
+
+
+def parse(data: dict[str, Any], source: str) -> Config:
+    """Validate parsed TOML; raise ConfigError naming every bad key."""
+    data = dict(data)
+    data.pop("source", None)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = "\n".join(f"  {_describe(dict(e))}" for e in exc.errors())
+        raise ConfigError(f"{source}: invalid configuration:\n{problems}") from None
+    if config.session.max_endpointing_delay < config.session.min_endpointing_delay:
+        raise ConfigError(
+            f"{source}: invalid configuration:\n  [session] max_endpointing_delay = "
+            f"{config.session.max_endpointing_delay!r}: must be >= min_endpointing_delay "
+            f"({config.session.min_endpointing_delay!r})"
+        )
+    tool = config.agent.tool_choice
+    if tool in BUILTIN_TOOLS and tool not in config.agent.tools:
+        raise ConfigError(
+            f"{source}: invalid configuration:\n  [agent] tool_choice = {tool!r}: "
+            f"the tool must also be listed in [agent] tools"
+        )
+    config.source = source
+    return config
+
+
+def load(path: str | Path | None) -> Config:
+    """Load and validate a config file; None gives the embedded defaults."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse(data, str(path))

@@ -1,0 +1,190 @@
+"""The main job without hardware: one spoken question in a WAV file, one spoken reply out.
+
+A real AgentSession hears the file through `WavAudioInput` in real time and speaks through
+`RecordingAudioOutput` (wrapped in livekit's TranscriptSynchronizer, so an interrupted
+reply is stored truncated). The result carries the conversation, the session's events and
+the timeline figures the benchmark uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from livekit.agents import AgentSession, llm
+from livekit.agents.voice import io
+from livekit.agents.voice.transcription.synchronizer import TranscriptSynchronizer
+
+from .config import Config
+from .fileaudio import Clock, RecordingAudioOutput, WavAudioInput, read_audio, write_wav
+from .modelset import ModelSet
+from .session import ApplianceAgent, build_session, end_session
+
+logger = logging.getLogger("appliance.converse")
+
+SESSION_EVENTS = (
+    "user_state_changed",
+    "agent_state_changed",
+    "conversation_item_added",
+    "session_usage_updated",
+    "user_input_transcribed",
+    "close",
+)
+
+
+class TextSink(io.TextOutput):
+    """Collects the agent's transcription text as it is played."""
+
+    def __init__(self) -> None:
+        super().__init__(label="text-sink", next_in_chain=None)
+        self.text: list[str] = []
+
+    async def capture_text(self, text: str) -> None:
+        self.text.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+class EventLog:
+    """Every session event of interest, as plain dicts with the clock time."""
+
+    def __init__(self, session: AgentSession, clock: Clock) -> None:
+        self.events: list[dict[str, Any]] = []
+        for name in SESSION_EVENTS:
+            session.on(name, self._recorder(name, clock))
+
+    def _recorder(self, name: str, clock: Clock):  # type: ignore[no-untyped-def]
+        def record(ev: Any) -> None:
+            self.events.append({"type": name, "t": round(clock.now(), 3), "event": ev})
+
+        return record
+
+    def of(self, name: str) -> list[Any]:
+        return [e["event"] for e in self.events if e["type"] == name]
+
+
+@dataclass
+class ConverseResult:
+    items: list[dict[str, Any]]
+    reply_pcm: np.ndarray
+    reply_rate: int
+    input_start: float
+    input_seconds: float
+    events: EventLog
+    segments: list[dict[str, Any]] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    def first_audio_after(self, t: float, threshold: int = 300) -> float | None:
+        """Time of the first non-silent output sample at or after `t` on the timeline."""
+        start = int(t * self.reply_rate)
+        loud = np.flatnonzero(np.abs(self.reply_pcm[start:].astype(np.int32)) > threshold)
+        return (start + int(loud[0])) / self.reply_rate if len(loud) else None
+
+
+def history_items(ctx: llm.ChatContext) -> list[dict[str, Any]]:
+    """The conversation as JSON-ready items with at least `role` and `text`."""
+    out: list[dict[str, Any]] = []
+    for item in ctx.items:
+        if item.type == "message":
+            out.append(
+                {"role": item.role, "text": item.text_content or "", "interrupted": item.interrupted}
+            )
+        elif item.type == "function_call":
+            out.append({"role": "tool_call", "text": item.arguments, "name": item.name})
+        elif item.type == "function_call_output":
+            out.append({"role": "tool", "text": item.output, "name": item.name})
+    return out
+
+
+def _reply_done(session: AgentSession, output: RecordingAudioOutput, after_user: int) -> bool:
+    items = session.history.items
+    replied = any(
+        i.type == "message" and i.role == "assistant" for i in items[after_user:]
+    )
+    return replied and session.agent_state == "listening" and output._segment_start is None
+
+
+async def converse(
+    models: ModelSet,
+    config: Config,
+    pcm: np.ndarray,
+    *,
+    timeout: float = 60.0,
+    session: AgentSession | None = None,
+) -> ConverseResult:
+    """Run one conversation turn over 16 kHz int16 mono audio; returns its record."""
+    clock = Clock()
+    session = session or build_session(config, models)
+    events = EventLog(session, clock)
+    mic = WavAudioInput(pcm, clock)
+    speaker = RecordingAudioOutput(clock)
+    text = TextSink()
+    sync = TranscriptSynchronizer(next_in_chain_audio=speaker, next_in_chain_text=text)
+    session.input.audio = mic
+    session.output.audio = sync.audio_output
+    session.output.transcription = sync.text_output
+
+    await session.start(ApplianceAgent(config.agent), record=False)
+    try:
+        await asyncio.wait_for(_greeting_played(session), timeout)
+        users_before = len(session.history.items)
+        mic.start()
+        await asyncio.wait_for(mic.finished.wait(), timeout)
+        if config.session.turn_detection == "manual":
+            await session.commit_user_turn(transcript_timeout=10.0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not _reply_done(session, speaker, users_before) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if loop.time() >= deadline:
+            logger.warning("no complete reply within %.0f s", timeout)
+    finally:
+        end_session(session, "converse finished")
+        await session.aclose()
+    metrics = [
+        {"role": i.role, **dict(i.metrics)}
+        for i in session.history.items
+        if i.type == "message" and getattr(i, "metrics", None)
+    ]
+    assert mic.start_at is not None
+    return ConverseResult(
+        items=history_items(session.history),
+        reply_pcm=speaker.recording(until=clock.now()),
+        reply_rate=speaker.rate or 16000,
+        input_start=mic.start_at,
+        input_seconds=len(pcm) / 16000,
+        events=events,
+        segments=speaker.segments,
+        metrics=metrics,
+    )
+
+
+async def _greeting_played(session: AgentSession) -> None:
+    """Wait until the agent's greeting (if any) has finished playing."""
+    await asyncio.sleep(0.05)
+    while (speech := session.current_speech) is not None:
+        await speech.wait_for_playout()
+        await asyncio.sleep(0.05)
+
+
+def run_file(
+    models: ModelSet,
+    config: Config,
+    in_path: str | Path,
+    out_path: str | Path,
+    transcript_path: str | Path | None,
+) -> ConverseResult:
+    """`appliance converse`: read, converse, write the reply WAV and the transcript."""
+    import json
+
+    pcm = read_audio(in_path)
+    result = asyncio.run(converse(models, config, pcm))
+    write_wav(out_path, result.reply_pcm, result.reply_rate)
+    if transcript_path is not None:
+        Path(transcript_path).write_text(json.dumps(result.items, indent=2) + "\n")
+    return result

@@ -1,0 +1,159 @@
+"""The local model set: verified, loaded and warmed once per process, shared by sessions.
+
+Heavy objects (Whisper, the GGUF model, the Piper voice, the smart-turn session) live
+here; each session gets light livekit plugin objects over them (built inside the running
+event loop, as livekit's plugin bases require). Each model has its own one-thread
+executor, so inference never runs on the event loop and two sessions queue per model
+instead of oversubscribing the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import models as store
+from .config import Config
+
+logger = logging.getLogger("appliance.models")
+
+# The hub libraries must never reach for the network on the appliance.
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+
+
+@dataclass
+class LoadTimes:
+    verify_s: float = 0.0
+    load_s: dict[str, float] = field(default_factory=dict)
+    warm_s: float = 0.0
+
+
+class ModelSet:
+    """Everything the sessions of one process share."""
+
+    def __init__(self, config: Config) -> None:
+        from .plugins.llama_llm import LocalLlama
+        from .plugins.piper_tts import PiperVoice
+        from .plugins.whisper_stt import load_model
+
+        self.config = config
+        cfg = config.models
+        self.root = store.models_dir(cfg.dir)
+        manifest = store.load_manifest()
+        in_use = [cfg.stt, cfg.llm, cfg.tts, cfg.vad]
+        if config.session.turn_detection == "model":
+            in_use.append(cfg.turn_model)
+        self.entries = {model_id: manifest[model_id] for model_id in in_use}
+        self.times = LoadTimes()
+
+        t0 = time.perf_counter()
+        if cfg.verify:
+            store.require(self.entries.values(), self.root)
+        self.times.verify_s = time.perf_counter() - t0
+
+        def path(model_id: str, index: int = 0) -> Path:
+            entry = self.entries[model_id]
+            return store.file_path(entry, entry.files[index].name, self.root)
+
+        def timed(name: str, start: float) -> None:
+            self.times.load_s[name] = round(time.perf_counter() - start, 3)
+
+        t = time.perf_counter()
+        self.whisper = load_model(str(path(cfg.stt).parent), threads=cfg.threads)
+        timed("stt", t)
+        t = time.perf_counter()
+        self.llama = LocalLlama(str(path(cfg.llm)), n_ctx=cfg.llm_context, threads=cfg.threads)
+        timed("llm", t)
+        t = time.perf_counter()
+        self.voice = PiperVoice(path(cfg.tts, 0), path(cfg.tts, 1), threads=cfg.threads)
+        timed("tts", t)
+        self.smart_turn = None
+        if "smart-turn/v3.2" in self.entries:
+            from .plugins.smart_turn import SmartTurnModel
+
+            t = time.perf_counter()
+            self.smart_turn = SmartTurnModel(path("smart-turn/v3.2"), threads=1)
+            timed("turn", t)
+
+        self.stt_executor = ThreadPoolExecutor(1, thread_name_prefix="stt")
+        self.llm_executor = ThreadPoolExecutor(1, thread_name_prefix="llm")
+        self.tts_executor = ThreadPoolExecutor(1, thread_name_prefix="tts")
+        self.turn_executor = ThreadPoolExecutor(1, thread_name_prefix="turn")
+
+    def warm(self) -> None:
+        """Run each model once so the first conversation pays no first-call costs."""
+        from .plugins.whisper_stt import transcribe
+
+        t = time.perf_counter()
+        transcribe(self.whisper, np.zeros(16000, np.float32), "en")
+        self.llama.warm()
+        self.voice.synthesize("Ready.")
+        if self.smart_turn is not None:
+            self.smart_turn.predict(np.zeros(16000, np.int16))
+        self.times.warm_s = time.perf_counter() - t
+
+    # -- per-session plugin objects (call inside the running event loop) --
+
+    def vad(self):  # type: ignore[no-untyped-def]
+        from livekit.agents import inference
+
+        return inference.VAD(model="silero")
+
+    def stt(self, *, segment_with_vad: bool = True):  # type: ignore[no-untyped-def]
+        from .plugins.whisper_stt import WhisperSTT
+
+        return WhisperSTT(
+            self.whisper,
+            self.stt_executor,
+            vad=self.vad() if segment_with_vad else None,
+            model_name=self.config.models.stt.split("/", 1)[1],
+            interim_interval=self.config.models.stt_interim_interval,
+        )
+
+    def llm(self, tool_choice=None):  # type: ignore[no-untyped-def]
+        from .plugins.llama_llm import LlamaLLM
+
+        cfg = self.config.models
+        return LlamaLLM(
+            self.llama,
+            self.llm_executor,
+            model_name=cfg.llm.split("/", 1)[1],
+            max_tokens=cfg.llm_max_tokens,
+            temperature=cfg.llm_temperature,
+            tool_choice=tool_choice,
+        )
+
+    def tts(self):  # type: ignore[no-untyped-def]
+        from .plugins.piper_tts import PiperTTS
+
+        return PiperTTS(
+            self.voice,
+            model_name=self.config.models.tts.split("/", 1)[1],
+            executor=self.tts_executor,
+        )
+
+    def turn_detector(self):  # type: ignore[no-untyped-def]
+        """The end-of-turn model named by [models] turn_model."""
+        if self.smart_turn is not None:
+            from .plugins.smart_turn import SmartTurnDetector
+
+            return SmartTurnDetector(self.smart_turn, executor=self.turn_executor)
+        from livekit.agents import inference
+
+        return inference.TurnDetector(version="v1-mini")
+
+    def close(self) -> None:
+        for executor in (
+            self.stt_executor,
+            self.llm_executor,
+            self.tts_executor,
+            self.turn_executor,
+        ):
+            executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,1 @@
+"""livekit-agents plugins for the appliance's local models."""

@@ -1,0 +1,325 @@
+"""A local LLM with llama-cpp-python, as a livekit-agents LLM.
+
+Tokens stream from a worker thread to the event loop. The prompt is built with the
+model's own chat template (from the GGUF); llama.cpp reuses the KV cache of the longest
+unchanged token prefix (system prompt, earlier turns) between calls. Tool calls: a named
+or required `tool_choice` is forced with a JSON-schema grammar; with "auto" the model may
+answer `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes style), which is
+parsed into a livekit function call. Cancelling the stream stops generation at the next
+token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Executor
+from typing import Any
+
+from livekit.agents import llm, utils
+from livekit.agents.llm import ChatChunk, ChoiceDelta, CompletionUsage, FunctionToolCall
+from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions
+from livekit.agents.types import NotGivenOr
+from llama_cpp import Llama, LlamaGrammar
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+logger = logging.getLogger("appliance.llm")
+
+_TOOL_CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*(?:</tool_call>|$)", re.S)
+_TOOL_PROMPT = (
+    "You can call these tools. To call one, reply with only "
+    '<tool_call>{{"name": "<tool name>", "arguments": {{...}}}}</tool_call>.\n'
+    "Tools:\n{tools}"
+)
+
+
+class LocalLlama:
+    """The loaded GGUF model and its chat template: once per process, shared by sessions.
+
+    All generation runs on one worker thread (the executor given to each LlamaLLM), so
+    concurrent sessions queue rather than fight over the model and its KV cache.
+    """
+
+    def __init__(self, model_path: str, *, n_ctx: int, threads: int) -> None:
+        self.model_path = model_path
+        self.llama = Llama(
+            model_path=model_path,
+            n_ctx=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_batch=512,
+            verbose=False,
+        )
+        meta = self.llama.metadata
+        template = meta.get("tokenizer.chat_template")
+        if not template:
+            raise ValueError(f"{model_path}: GGUF has no tokenizer.chat_template")
+        eos_id = self.llama.token_eos()
+        bos_id = self.llama.token_bos()
+        self.formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=self.llama.detokenize([eos_id], special=True).decode(errors="ignore"),
+            bos_token=self.llama.detokenize([bos_id], special=True).decode(errors="ignore")
+            if bos_id >= 0
+            else "",
+            stop_token_ids=[eos_id],
+        )
+        self.template_has_tools = "tools" in template
+
+    def warm(self) -> None:
+        """Evaluate a tiny prompt so the first real request pays no first-call costs."""
+        for _ in self.llama.create_completion("Hi", max_tokens=1, stream=False):
+            pass
+
+    def prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> tuple[list[int], list[str]]:
+        """Render messages with the model's template; returns (tokens, stop strings)."""
+        if not self.template_has_tools:
+            messages = _fold_tools(messages, tools)
+            tools = None
+        result = self.formatter(messages=messages, tools=tools)
+        tokens = self.llama.tokenize(
+            result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True
+        )
+        stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
+        return tokens, [s for s in stop if s]
+
+
+def _fold_tools(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """For templates without tool support: tools into the system prompt, calls into text."""
+    out: list[dict[str, Any]] = []
+    for msg in messages:
+        role, content = msg["role"], msg.get("content") or ""
+        if isinstance(content, list):
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if role in ("system", "developer"):
+            role = "system"
+        if msg.get("tool_calls"):
+            calls = [
+                json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})
+                for c in msg["tool_calls"]
+            ]
+            content = (content + "\n" if content else "") + "\n".join(
+                f"<tool_call>{c}</tool_call>" for c in calls
+            )
+        if role == "tool":
+            role, content = "user", f"<tool_response>{content}</tool_response>"
+        out.append({"role": role, "content": content})
+    if tools:
+        described = "\n".join(json.dumps(t["function"]) for t in tools)
+        text = _TOOL_PROMPT.format(tools=described)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + text}
+        else:
+            out.insert(0, {"role": "system", "content": text})
+    return out
+
+
+def _forced_grammar(tools: list[dict[str, Any]], choice: Any) -> tuple[LlamaGrammar, str | None]:
+    """Grammar for a forced tool call: the named tool's arguments, or {name, arguments}."""
+    if isinstance(choice, dict):
+        name = choice["function"]["name"]
+        tool = next((t for t in tools if t["function"]["name"] == name), None)
+        if tool is None:
+            raise ValueError(f"tool_choice names unknown tool {name!r}")
+        schema = tool["function"].get("parameters") or {"type": "object"}
+        return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False), name
+    if len(tools) == 1:
+        return _forced_grammar(tools, {"function": {"name": tools[0]["function"]["name"]}})
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"enum": [t["function"]["name"] for t in tools]},
+            "arguments": {"type": "object"},
+        },
+        "required": ["name", "arguments"],
+    }
+    return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False), None
+
+
+class LlamaLLM(llm.LLM):
+    """A per-session LLM over a shared LocalLlama. Construct inside the event loop."""
+
+    def __init__(
+        self,
+        model: LocalLlama,
+        executor: Executor,
+        *,
+        model_name: str,
+        max_tokens: int = 96,
+        temperature: float = 0.3,
+        tool_choice: llm.ToolChoice | None = None,
+    ) -> None:
+        super().__init__()
+        self._local = model
+        self._executor = executor
+        self._model_name = model_name
+        self._max_tokens = max_tokens
+        self._temperature = temperature
+        self._tool_choice = tool_choice
+
+    @property
+    def model(self) -> str:
+        return self._model_name
+
+    @property
+    def provider(self) -> str:
+        return "llama.cpp"
+
+    def chat(
+        self,
+        *,
+        chat_ctx: llm.ChatContext,
+        tools: list[llm.Tool] | None = None,
+        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
+        parallel_tool_calls: NotGivenOr[bool] = NOT_GIVEN,
+        tool_choice: NotGivenOr[llm.ToolChoice] = NOT_GIVEN,
+        extra_kwargs: NotGivenOr[dict[str, Any]] = NOT_GIVEN,
+    ) -> LlamaStream:
+        choice = tool_choice if utils.is_given(tool_choice) else self._tool_choice
+        return LlamaStream(
+            self, chat_ctx=chat_ctx, tools=tools or [], conn_options=conn_options, choice=choice
+        )
+
+
+class LlamaStream(llm.LLMStream):
+    def __init__(
+        self,
+        owner: LlamaLLM,
+        *,
+        chat_ctx: llm.ChatContext,
+        tools: list[llm.Tool],
+        conn_options: APIConnectOptions,
+        choice: llm.ToolChoice | None,
+    ) -> None:
+        super().__init__(owner, chat_ctx=chat_ctx, tools=tools, conn_options=conn_options)
+        self._owner = owner
+        self._choice = choice
+        self._cancel = threading.Event()
+
+    def _generate(
+        self, messages: list[dict[str, Any]], schemas: list[dict[str, Any]], push: Any
+    ) -> None:
+        """Worker thread: render, generate, push ('text'|'call'|'usage', value) items."""
+        local = self._owner._local
+        choice = self._choice if schemas else "none"
+        if messages and messages[-1].get("role") == "tool":
+            choice = "none"  # a forced call is answered once; then the model speaks the result
+        forced = choice == "required" or isinstance(choice, dict)
+        grammar, forced_name = _forced_grammar(schemas, choice) if forced else (None, None)
+        offered = schemas if choice not in (None, "none") else None
+        tokens, stop = local.prompt(messages, offered)
+        cached = Llama.longest_token_prefix(local.llama._input_ids.tolist(), tokens)
+        stream: Iterator[Any] = local.llama.create_completion(  # type: ignore[assignment]
+            tokens,
+            max_tokens=self._owner._max_tokens,
+            temperature=self._owner._temperature,
+            stop=stop,
+            grammar=grammar,
+            stream=True,
+        )
+        text, completion_tokens = "", 0
+        # "forced": grammar output is arguments JSON; "undecided": may become <tool_call>
+        mode = "forced" if forced else ("undecided" if offered else "text")
+        try:
+            for chunk in stream:
+                if self._cancel.is_set():
+                    break
+                piece = chunk["choices"][0]["text"]
+                completion_tokens += 1
+                text += piece
+                if mode == "undecided":
+                    head = text.lstrip()
+                    if head.startswith("<tool_call>"):
+                        mode = "call"
+                    elif head and not "<tool_call>".startswith(head):
+                        mode = "text"
+                        push(("text", text))
+                elif mode == "text" and piece:
+                    push(("text", piece))
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        if not self._cancel.is_set():
+            if mode in ("forced", "call"):
+                for call in _parse_calls(text, forced_name):
+                    push(("call", call))
+            elif mode == "undecided" and text.strip():
+                push(("text", text))
+        push(("usage", (len(tokens), cached, completion_tokens)))
+
+    async def _run(self) -> None:
+        messages, _ = self._chat_ctx.to_provider_format("openai")
+        schemas = llm.ToolContext(self._tools).parse_function_tools("openai", strict=False)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue()
+
+        def push(item: tuple[str, Any] | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            try:
+                self._generate(messages, schemas, push)
+            finally:
+                push(None)
+
+        request_id = utils.shortuuid("llama_")
+        future = loop.run_in_executor(self._owner._executor, work)
+        try:
+            while (item := await queue.get()) is not None:
+                kind, value = item
+                if kind == "text":
+                    delta = ChoiceDelta(role="assistant", content=value)
+                    self._event_ch.send_nowait(ChatChunk(id=request_id, delta=delta))
+                elif kind == "call":
+                    delta = ChoiceDelta(role="assistant", tool_calls=[value])
+                    self._event_ch.send_nowait(ChatChunk(id=request_id, delta=delta))
+                else:
+                    prompt_tokens, cached, completion_tokens = value
+                    usage = CompletionUsage(
+                        completion_tokens=completion_tokens,
+                        prompt_tokens=prompt_tokens,
+                        prompt_cached_tokens=cached,
+                        total_tokens=prompt_tokens + completion_tokens,
+                    )
+                    self._event_ch.send_nowait(ChatChunk(id=request_id, usage=usage))
+            await future  # re-raise errors from the worker
+        finally:
+            self._cancel.set()  # interrupted: the worker stops at its next token
+
+
+def _parse_calls(text: str, forced_name: str | None) -> list[FunctionToolCall]:
+    """Tool calls from generated text (forced grammar output or <tool_call> blocks)."""
+    if forced_name is not None:
+        raw = [{"name": forced_name, "arguments": _loads(text)}]
+    else:
+        blocks = _TOOL_CALL_RE.findall(text) or ([text] if text.lstrip().startswith("{") else [])
+        raw = [d for d in (_loads(b) for b in blocks) if isinstance(d, dict) and "name" in d]
+    calls = []
+    for item in raw:
+        args = item.get("arguments") or {}
+        calls.append(
+            FunctionToolCall(
+                name=str(item["name"]),
+                arguments=args if isinstance(args, str) else json.dumps(args),
+                call_id=utils.shortuuid("call_"),
+            )
+        )
+    if not calls:
+        logger.warning("model output was not a valid tool call: %r", text[:200])
+    return calls
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return {}

@@ -1,0 +1,363 @@
+"""Piper text-to-speech run directly with onnxruntime, as a livekit-agents TTS.
+
+Phonemes come from the ``espeak-ng`` program, run as a separate process (so no GPL code is
+imported). Text is split into sentences and clauses at punctuation here, because espeak-ng
+drops punctuation while Piper voices were trained with it: each clause's phonemes are
+followed by its punctuation character, as Piper's own phonemizer does, and every sentence
+is synthesized separately so that its audio can be played while the next one is computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import json
+import logging
+import re
+import shutil
+import subprocess
+import threading
+import unicodedata
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from livekit.agents import APIError, tts, utils
+from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, APIConnectOptions
+
+logger = logging.getLogger(__name__)
+
+_PAD, _BOS, _EOS = "_", "^", "$"
+_MAX_LINE_CHARS = 300  # espeak-ng loses words on very long input lines: wrap clauses shorter
+_ESPEAK_TIMEOUT_S = 30.0
+# Clause punctuation: an ellipsis, a run of sentence marks, , ; :, or a spaced dash; it only
+# counts when followed by closing quotes/brackets and then whitespace or the end of the text
+# (so "3.5", "10:30", "1,000" and "e.g.x" stay inside their clause).
+_BREAK_RE = re.compile(r"(\.{2,}|…|[.!?]+|[,;:]|(?<=\s)[-–—]+)[)\]\"'”’»]*(?=\s|$)")
+_ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "mt"})
+_LANG_SWITCH_RE = re.compile(r"\([a-z]{2,3}(?:-[a-z0-9]+)*\)")  # espeak's "(fr)" markers
+
+
+class PiperVoiceError(RuntimeError):
+    """A Piper voice could not be loaded or could not synthesize."""
+
+
+class EspeakNotFoundError(PiperVoiceError):
+    """The ``espeak-ng`` program is not installed."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the espeak-ng program was not found on PATH; Piper voices need it for phonemes: "
+            "install it with `apt-get install espeak-ng`"
+        )
+
+
+def _split_text(text: str) -> list[list[tuple[str, str]]]:
+    """Split text into sentences of (clause text, punctuation mark) pairs.
+
+    Marks are one of ``. ! ? , ; :``; every sentence ends with ``.``, ``!`` or ``?``.
+    Clauses without any letter or digit are dropped (their mark may end the sentence).
+    """
+    sentences: list[list[tuple[str, str]]] = []
+    clauses: list[tuple[str, str]] = []
+    pos = 0
+
+    def add(chunk: str, mark: str) -> None:
+        chunk = " ".join(chunk.split())
+        if any(c.isalnum() for c in chunk):
+            clauses.append((chunk, mark))
+        elif clauses and mark in ".!?":
+            clauses[-1] = (clauses[-1][0], mark)
+        if mark in ".!?" and clauses:
+            sentences.append(clauses.copy())
+            clauses.clear()
+
+    for m in _BREAK_RE.finditer(text):
+        chunk, sign = text[pos : m.start()], m.group(1)
+        if sign[0] in ".!?" and not sign.startswith(".."):
+            if sign == ".":
+                words = chunk.split()
+                last = words[-1].lower().lstrip("(\"'") if words else ""
+                following = text[m.end() :].lstrip()[:1]
+                # "Dr. Smith", "J. Doe", "e.g. this": not the end of a sentence
+                if last in _ABBREVIATIONS or (len(last) == 1 and last.isalpha()):
+                    continue
+                if following.islower():
+                    continue
+            mark = "?" if "?" in sign else "!" if "!" in sign else "."
+        elif sign in ",;:":
+            mark = sign
+        else:  # ellipsis or dash: a pause inside the sentence
+            mark = ","
+        add(chunk, mark)
+        pos = m.end()
+    add(text[pos:], ".")
+    if clauses:  # the text ended after a comma-like mark: end the sentence there
+        clauses[-1] = (clauses[-1][0], ".")
+        sentences.append(clauses.copy())
+    return sentences
+
+
+def _wrap(clause: str) -> list[str]:
+    """Cut a clause into lines of at most ``_MAX_LINE_CHARS`` at word boundaries."""
+    lines: list[str] = []
+    current = ""
+    for word in clause.split():
+        if current and len(current) + 1 + len(word) > _MAX_LINE_CHARS:
+            lines.append(current)
+            current = word
+        else:
+            current = f"{current} {word}" if current else word
+    if current:
+        lines.append(current)
+    return lines
+
+
+class PiperVoice:
+    """A loaded Piper voice: heavy, loaded once per process, shared by sessions,
+    thread-safe for synthesis."""
+
+    def __init__(self, model_path: Path, config_path: Path, *, threads: int = 1) -> None:
+        """Load the voice's ``.onnx.json`` config and ``.onnx`` model.
+
+        Raises PiperVoiceError naming the file when either cannot be read, and
+        EspeakNotFoundError when the espeak-ng program is missing.
+        """
+        model_path, config_path = Path(model_path), Path(config_path)
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            self._sample_rate = int(config["audio"]["sample_rate"])
+            self._espeak_voice = str(config.get("espeak", {}).get("voice", "en-us"))
+            id_map = config["phoneme_id_map"]
+            self._id_map: dict[str, list[int]] = {
+                str(k): [int(i) for i in v] for k, v in id_map.items()
+            }
+            inference = config.get("inference", {})
+            self._scales = np.array(
+                [
+                    float(inference.get("noise_scale", 0.667)),
+                    float(inference.get("length_scale", 1.0)),
+                    float(inference.get("noise_w", 0.8)),
+                ],
+                dtype=np.float32,
+            )
+            self._num_speakers = int(config.get("num_speakers", 1))
+            for symbol in (_PAD, _BOS, _EOS):
+                if symbol not in self._id_map:
+                    raise KeyError(f"phoneme_id_map has no {symbol!r}")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise PiperVoiceError(f"cannot read Piper voice config {config_path}: {e}") from e
+
+        espeak = shutil.which("espeak-ng")
+        if espeak is None:
+            raise EspeakNotFoundError()
+        self._espeak = espeak
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self._session = ort.InferenceSession(
+                str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise PiperVoiceError(f"cannot load Piper voice model {model_path}: {e}") from e
+        self._inputs = {i.name for i in self._session.get_inputs()}
+        if not {"input", "input_lengths"} <= self._inputs:
+            raise PiperVoiceError(
+                f"{model_path} is not a Piper voice model (inputs: {sorted(self._inputs)})"
+            )
+        self._missing: set[str] = set()
+        self._missing_lock = threading.Lock()
+
+    @property
+    def sample_rate(self) -> int:
+        """Sample rate of the synthesized audio, in Hz."""
+        return self._sample_rate
+
+    def phonemize(self, text: str) -> list[str]:
+        """Phonemize text with espeak-ng: one phoneme string per sentence (may be empty)."""
+        sentences = _split_text(text)
+        clauses = [clause for sentence in sentences for clause, _ in sentence]
+        if not clauses:
+            return []
+        phonemes = self._espeak_clauses(clauses)
+        result: list[str] = []
+        it = iter(phonemes)
+        for sentence in sentences:
+            parts = []
+            for _, mark in sentence:
+                parts.append(next(it) + mark + (" " if mark in ",;:" else ""))
+            result.append(unicodedata.normalize("NFD", "".join(parts).strip()))
+        return result
+
+    def _run_espeak(self, text: str) -> str:
+        """One espeak-ng process: text lines in, one line of IPA per espeak clause out."""
+        try:
+            proc = subprocess.run(
+                [self._espeak, "-q", "-b", "1", "--ipa", "-v", self._espeak_voice],
+                input=text.encode("utf-8", errors="ignore"),
+                capture_output=True,
+                timeout=_ESPEAK_TIMEOUT_S,
+                check=False,
+            )
+        except FileNotFoundError as e:
+            raise EspeakNotFoundError() from e
+        except subprocess.TimeoutExpired as e:
+            raise PiperVoiceError(f"espeak-ng took more than {_ESPEAK_TIMEOUT_S} s") from e
+        if proc.returncode != 0:
+            err = proc.stderr.decode("utf-8", errors="replace").strip()
+            raise PiperVoiceError(f"espeak-ng failed (exit {proc.returncode}): {err}")
+        return _LANG_SWITCH_RE.sub("", proc.stdout.decode("utf-8", errors="replace"))
+
+    def _espeak_clauses(self, clauses: list[str]) -> list[str]:
+        """Phonemes of each clause, with one espeak-ng process for all of them.
+
+        Clauses go in separated by blank lines, each of which comes back as an empty line;
+        espeak may cut a clause into several lines, which are joined again. If the groups
+        do not come back one per clause, each clause is run in its own process instead.
+        """
+        out = self._run_espeak("\n\n".join("\n".join(_wrap(c)) for c in clauses) + "\n")
+        groups = [g.split("\n") for g in out.rstrip("\n").split("\n\n")]
+        if len(groups) == len(clauses) and all(all(s.strip() for s in g) for g in groups):
+            return [" ".join(s.strip() for s in g) for g in groups]
+        logger.debug("espeak-ng output did not map back to %d clauses", len(clauses))
+        outs = (self._run_espeak("\n".join(_wrap(c)) + "\n").split("\n") for c in clauses)
+        return [" ".join(s.strip() for s in lines if s.strip()) for lines in outs]
+
+    def _phoneme_ids(self, phonemes: str) -> list[int]:
+        """Piper's id sequence: BOS, pad, then every phoneme followed by pad, then EOS."""
+        pad = self._id_map[_PAD]
+        ids = [*self._id_map[_BOS], *pad]
+        for ph in phonemes:
+            mapped = self._id_map.get(ph)
+            if mapped is None:
+                with self._missing_lock:
+                    if ph not in self._missing:
+                        self._missing.add(ph)
+                        logger.debug("dropping phoneme %r: not in the voice's id map", ph)
+                continue
+            ids.extend(mapped)
+            ids.extend(pad)
+        ids.extend(self._id_map[_EOS])
+        return ids
+
+    def synthesize_phonemes(
+        self, phonemes: str, *, run_options: ort.RunOptions | None = None
+    ) -> np.ndarray:
+        """Blocking: int16 mono audio for one sentence's phoneme string (may be empty).
+
+        Setting ``run_options.terminate`` from another thread aborts the inference.
+        """
+        ids = self._phoneme_ids(phonemes)
+        if len(ids) <= 3:  # BOS, pad, EOS: nothing to say
+            return np.zeros(0, dtype=np.int16)
+        feeds: dict[str, Any] = {
+            "input": np.array([ids], dtype=np.int64),
+            "input_lengths": np.array([len(ids)], dtype=np.int64),
+        }
+        if "scales" in self._inputs:
+            feeds["scales"] = self._scales
+        if "sid" in self._inputs:
+            feeds["sid"] = np.array([0], dtype=np.int64)
+        audio = np.asarray(self._session.run(None, feeds, run_options)[0]).reshape(-1)
+        return (np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+    def synthesize_sentences(self, text: str) -> Iterator[np.ndarray]:
+        """Blocking: yield int16 audio per sentence as soon as each is ready."""
+        for phonemes in self.phonemize(text):
+            audio = self.synthesize_phonemes(phonemes)
+            if audio.size:
+                yield audio
+
+    def synthesize(self, text: str) -> np.ndarray:
+        """Blocking: int16 mono audio at ``sample_rate`` for the whole text (may be empty)."""
+        chunks = list(self.synthesize_sentences(text))
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
+
+
+class PiperTTS(tts.TTS):
+    """Per-session livekit TTS over a shared PiperVoice. Construct inside a running event loop."""
+
+    def __init__(
+        self,
+        voice: PiperVoice,
+        *,
+        model_name: str = "en_US-joe-medium",
+        executor: concurrent.futures.Executor | None = None,
+    ) -> None:
+        """``executor`` runs the blocking synthesis; None uses the loop's default executor."""
+        super().__init__(
+            capabilities=tts.TTSCapabilities(streaming=False),
+            sample_rate=voice.sample_rate,
+            num_channels=1,
+        )
+        self._voice = voice
+        self._model_name = model_name
+        self._executor = executor
+
+    @property
+    def model(self) -> str:
+        return self._model_name
+
+    @property
+    def provider(self) -> str:
+        return "piper"
+
+    @property
+    def voice(self) -> PiperVoice:
+        return self._voice
+
+    def synthesize(
+        self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
+    ) -> tts.ChunkedStream:
+        return _PiperChunkedStream(tts=self, input_text=text, conn_options=conn_options)
+
+
+class _PiperChunkedStream(tts.ChunkedStream):
+    """Synthesizes sentence by sentence off the event loop, pushing each one when ready."""
+
+    def __init__(self, *, tts: PiperTTS, input_text: str, conn_options: APIConnectOptions):
+        super().__init__(tts=tts, input_text=input_text, conn_options=conn_options)
+        self._piper = tts
+
+    async def _run(self, output_emitter: tts.AudioEmitter) -> None:
+        voice, executor = self._piper.voice, self._piper._executor
+        output_emitter.initialize(
+            request_id=utils.shortuuid(),
+            sample_rate=voice.sample_rate,
+            num_channels=1,
+            mime_type="audio/pcm",
+        )
+        loop = asyncio.get_running_loop()
+        pushed = False
+        try:
+            sentences = await loop.run_in_executor(executor, voice.phonemize, self.input_text)
+            for phonemes in sentences:
+                # one executor job per sentence: once cancelled, no further sentence starts,
+                # and the one being computed is aborted through its RunOptions
+                run_options = ort.RunOptions()
+                try:
+                    audio = await loop.run_in_executor(
+                        executor,
+                        functools.partial(
+                            voice.synthesize_phonemes, phonemes, run_options=run_options
+                        ),
+                    )
+                except asyncio.CancelledError:
+                    run_options.terminate = True
+                    raise
+                if audio.size:
+                    output_emitter.push(audio.tobytes())
+                    pushed = True
+        except Exception as e:  # espeak-ng or onnxruntime: retrying would fail the same way
+            raise APIError(f"piper synthesis failed: {e}", retryable=False) from e
+        if not pushed and self.input_text.strip():
+            # nothing speakable (e.g. "..."): a short silence, which the framework requires
+            output_emitter.push(bytes(2 * voice.sample_rate // 50))
+        output_emitter.flush()

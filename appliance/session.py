@@ -1,0 +1,106 @@
+"""Building an AgentSession from the config and the shared local model set.
+
+The reference's flat options are mapped onto livekit-agents 1.8.9's `turn_handling`
+(so no deprecation warnings), model names resolve to local plugins (never LiveKit's cloud
+inference), and interruption detection is pinned to VAD (the adaptive detector is a cloud
+service).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any
+
+from livekit.agents import Agent, AgentSession, RunContext, function_tool, llm
+from livekit.agents.voice.turn import TurnHandlingOptions
+
+from .config import AgentConfig, Config, SessionConfig
+from .modelset import ModelSet
+
+logger = logging.getLogger("appliance.session")
+
+
+async def _current_time() -> str:
+    """Get the current local date and time, for questions about the time or the date."""
+    return datetime.datetime.now().strftime("It is %H:%M on %A, %d %B %Y.")
+
+
+async def _end_conversation(context: RunContext) -> str:
+    """End the conversation when the user says goodbye or asks to stop."""
+    end_session(context.session, "the agent ended the conversation (end_conversation tool)")
+    return "Goodbye."
+
+
+_TOOLS = {"current_time": _current_time, "end_conversation": _end_conversation}
+
+
+def build_tools(names: list[str]) -> list[llm.Tool]:
+    """The built-in function tools named in [agent] tools."""
+    return [function_tool(_TOOLS[name], name=name) for name in names]
+
+
+def tool_choice(agent: AgentConfig) -> llm.ToolChoice | None:
+    """[agent] tool_choice as livekit's ToolChoice ("auto" leaves it to the model)."""
+    if not agent.tools or agent.tool_choice == "auto":
+        return None
+    if agent.tool_choice in ("required", "none"):
+        return agent.tool_choice  # type: ignore[return-value]
+    return {"type": "function", "function": {"name": agent.tool_choice}}
+
+
+class ApplianceAgent(Agent):
+    """The configured agent: instructions, built-in tools, and the greeting on entry."""
+
+    def __init__(self, config: AgentConfig, *, instructions: str | None = None) -> None:
+        super().__init__(
+            instructions=instructions or config.instructions, tools=build_tools(config.tools)
+        )
+        self.greeting = config.greeting
+
+    async def on_enter(self) -> None:
+        if self.greeting:
+            self.session.say(self.greeting, allow_interruptions=True)
+
+
+def turn_handling(session: SessionConfig, detector: Any | None) -> TurnHandlingOptions:
+    """The reference's flat options as 1.8.9's grouped turn_handling."""
+    mode = session.turn_detection
+    return {
+        "turn_detection": detector if mode == "model" else mode,
+        "endpointing": {
+            "min_delay": session.min_endpointing_delay,
+            "max_delay": session.max_endpointing_delay,
+        },
+        "interruption": {
+            "enabled": session.allow_interruptions,
+            "mode": "vad",
+            "min_duration": session.min_interruption_duration,
+            "min_words": session.min_interruption_words,
+        },
+        "preemptive_generation": {"enabled": session.preemptive_generation},
+    }
+
+
+def build_session(
+    config: Config, models: ModelSet, *, aec_warmup_duration: float | None = None
+) -> AgentSession:
+    """A new AgentSession over the shared models. Call inside the running event loop."""
+    cfg = config.session
+    detector = models.turn_detector() if cfg.turn_detection == "model" else None
+    return AgentSession(
+        stt=models.stt(segment_with_vad=cfg.turn_detection != "manual"),
+        vad=models.vad(),
+        llm=models.llm(tool_choice(config.agent)),
+        tts=models.tts(),
+        turn_handling=turn_handling(cfg, detector),
+        userdata=dict(cfg.userdata),
+        aec_warmup_duration=aec_warmup_duration,
+        user_away_timeout=cfg.user_away_timeout,
+    )
+
+
+def end_session(session: AgentSession, reason: str) -> None:
+    """Graceful shutdown: finish the current reply, then close; the reason is logged."""
+    logger.info("ending session: %s", reason, extra={"reason": reason})
+    session.shutdown(drain=True)

