@@ -8,9 +8,13 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from . import config as config_mod
 from . import models as store
+
+if TYPE_CHECKING:
+    from .modelset import ModelSet
 
 EXAMPLE_QUESTION = Path(__file__).parent / "data" / "question.wav"
 EX_CONFIG = 78  # sysexits.h EX_CONFIG
@@ -25,7 +29,8 @@ def _load_config(path: str | None) -> config_mod.Config:
         raise SystemExit(EX_CONFIG) from None
 
 
-def _load_models(config: config_mod.Config):  # type: ignore[no-untyped-def]
+def _load_models(config: config_mod.Config) -> ModelSet:
+
     from .modelset import ModelSet
 
     try:
@@ -93,11 +98,13 @@ def cmd_models(args: argparse.Namespace) -> int:
                 return 1
             print(f"{model_id}: {'installed' if written else 'ok'} ({root / entry.dir})")
         return 0
-    entries = [manifest[i] for i in sorted(_in_use(config))] if args.action == "verify" else list(
-        manifest.values()
+    entries = (
+        [manifest[i] for i in sorted(_in_use(config))]
+        if args.action == "verify"
+        else list(manifest.values())
     )
     statuses = {e.id: store.verify([e], root) for e in entries}
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "id": e.id,
             "kind": e.kind,
@@ -118,8 +125,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         for r in rows:
             state = "verified" if r["verified"] else "NOT OK"
             mark = "*" if r["in_use"] else " "
-            print(f"{mark} {r['id']:34} {r['kind']:5} {r['size'] / 1e6:7.1f} MB  {state:8}  "
-                  f"{r['licence']}")
+            print(
+                f"{mark} {r['id']:34} {r['kind']:5} {r['size'] / 1e6:7.1f} MB  {state:8}  "
+                f"{r['licence']}"
+            )
             for p in r["problems"]:
                 print(f"      {p}")
     return 0 if all(r["verified"] for r in rows) or args.action == "list" else 1
@@ -154,8 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", nargs="*", help="model ids to install (default: those in use)")
     p.add_argument("--config", default=None)
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--find-links", type=Path, default=None,
-                   help="install from wheels in this directory (offline side-load)")
+    p.add_argument(
+        "--find-links",
+        type=Path,
+        default=None,
+        help="install from wheels in this directory (offline side-load)",
+    )
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("bench", help="voice-to-voice latency benchmark")

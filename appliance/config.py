@@ -93,10 +93,10 @@ class AgentConfig(_Section):
 class Config(_Section):
     """The whole configuration file."""
 
-    session: SessionConfig = Field(default_factory=SessionConfig)
-    models: ModelsConfig = Field(default_factory=ModelsConfig)
-    agent: AgentConfig = Field(default_factory=AgentConfig)
-    source: str = Field("<defaults>", exclude=True)
+    session: SessionConfig = Field(default_factory=lambda: SessionConfig())
+    models: ModelsConfig = Field(default_factory=lambda: ModelsConfig())
+    agent: AgentConfig = Field(default_factory=lambda: AgentConfig())
+    source: str = Field(default="<defaults>", exclude=True)
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,9 @@ class EventLog:
     def __init__(self, session: AgentSession, clock: Clock) -> None:
         self.events: list[dict[str, Any]] = []
         for name in SESSION_EVENTS:
-            session.on(name, self._recorder(name, clock))
+            session.on(name, self._recorder(name, clock))  # type: ignore[arg-type]
 
-    def _recorder(self, name: str, clock: Clock):  # type: ignore[no-untyped-def]
+    def _recorder(self, name: str, clock: Clock) -> Callable[[Any], None]:
         def record(ev: Any) -> None:
             self.events.append({"type": name, "t": round(clock.now(), 3), "event": ev})
 
@@ -92,7 +93,11 @@ def history_items(ctx: llm.ChatContext) -> list[dict[str, Any]]:
     for item in ctx.items:
         if item.type == "message":
             out.append(
-                {"role": item.role, "text": item.text_content or "", "interrupted": item.interrupted}
+                {
+                    "role": item.role,
+                    "text": item.text_content or "",
+                    "interrupted": item.interrupted,
+                }
             )
         elif item.type == "function_call":
             out.append({"role": "tool_call", "text": item.arguments, "name": item.name})
@@ -101,11 +106,28 @@ def history_items(ctx: llm.ChatContext) -> list[dict[str, Any]]:
     return out
 
 
+def wire(
+    session: AgentSession, pcm: np.ndarray
+) -> tuple[Clock, WavAudioInput, RecordingAudioOutput, EventLog]:
+    """Give a session a WAV microphone and a recording speaker on one clock.
+
+    The speaker is wrapped in livekit's TranscriptSynchronizer so an interrupted reply is
+    stored in the history truncated to what was played.
+    """
+    clock = Clock()
+    events = EventLog(session, clock)
+    mic = WavAudioInput(pcm, clock)
+    speaker = RecordingAudioOutput(clock)
+    sync = TranscriptSynchronizer(next_in_chain_audio=speaker, next_in_chain_text=TextSink())
+    session.input.audio = mic
+    session.output.audio = sync.audio_output
+    session.output.transcription = sync.text_output
+    return clock, mic, speaker, events
+
+
 def _reply_done(session: AgentSession, output: RecordingAudioOutput, after_user: int) -> bool:
     items = session.history.items
-    replied = any(
-        i.type == "message" and i.role == "assistant" for i in items[after_user:]
-    )
+    replied = any(i.type == "message" and i.role == "assistant" for i in items[after_user:])
     return replied and session.agent_state == "listening" and output._segment_start is None
 
 
@@ -118,16 +140,8 @@ async def converse(
     session: AgentSession | None = None,
 ) -> ConverseResult:
     """Run one conversation turn over 16 kHz int16 mono audio; returns its record."""
-    clock = Clock()
     session = session or build_session(config, models)
-    events = EventLog(session, clock)
-    mic = WavAudioInput(pcm, clock)
-    speaker = RecordingAudioOutput(clock)
-    text = TextSink()
-    sync = TranscriptSynchronizer(next_in_chain_audio=speaker, next_in_chain_text=text)
-    session.input.audio = mic
-    session.output.audio = sync.audio_output
-    session.output.transcription = sync.text_output
+    clock, mic, speaker, events = wire(session, pcm)
 
     await session.start(ApplianceAgent(config.agent), record=False)
     try:

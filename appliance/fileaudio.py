@@ -49,6 +49,14 @@ def resample(pcm: np.ndarray, src: int, dst: int) -> np.ndarray:
     return np.concatenate([np.frombuffer(f.data, dtype=np.int16) for f in frames])
 
 
+def mono16(frame: rtc.AudioFrame) -> np.ndarray:
+    """A frame's samples as int16 mono (channels averaged)."""
+    pcm = np.frombuffer(frame.data, dtype=np.int16).reshape(-1, frame.num_channels)
+    if frame.num_channels == 1:
+        return pcm[:, 0].copy()
+    return np.asarray(pcm.mean(axis=1), dtype=np.int16)
+
+
 def write_wav(path: str | Path, pcm: np.ndarray, rate: int) -> None:
     soundfile.write(str(path), pcm, rate, subtype="PCM_16")
 
@@ -130,8 +138,7 @@ class RecordingAudioOutput(io.AudioOutput):
 
     async def capture_frame(self, frame: rtc.AudioFrame) -> None:
         await super().capture_frame(frame)
-        pcm = np.frombuffer(frame.data, dtype=np.int16).reshape(-1, frame.num_channels)
-        pcm = pcm.mean(axis=1).astype(np.int16) if frame.num_channels > 1 else pcm[:, 0].copy()
+        pcm = mono16(frame)
         if self.rate is None:
             self.rate = frame.sample_rate
         elif frame.sample_rate != self.rate:
@@ -185,7 +192,11 @@ class RecordingAudioOutput(io.AudioOutput):
             self._truncate(max(end, self._segment_start))
         position = max(0, end - self._segment_start) / self.rate
         self.segments.append(
-            {"start": self._segment_start / self.rate, "played": position, "interrupted": interrupted}
+            {
+                "start": self._segment_start / self.rate,
+                "played": position,
+                "interrupted": interrupted,
+            }
         )
         self._segment_start, self._paused_at, self._held = None, None, []
         self.on_playback_finished(playback_position=position, interrupted=interrupted)
@@ -197,7 +208,11 @@ class RecordingAudioOutput(io.AudioOutput):
         if self._segment_start is None or self._paused_at is not None:
             return
         self._paused_at = min(self._now(), self._tail)
-        cut = [pcm[max(0, self._paused_at - s) :] for s, pcm in self._chunks if s + len(pcm) > self._paused_at]
+        cut = [
+            pcm[max(0, self._paused_at - s) :]
+            for s, pcm in self._chunks
+            if s + len(pcm) > self._paused_at
+        ]
         self._truncate(self._paused_at)
         self._held = cut + self._held
         if self._finish_timer is not None:

@@ -117,9 +117,7 @@ def _verify_file(path: Path, expected: str, size: int, entry: ModelEntry) -> Fil
         return FileStatus(path, False, f"missing; {_fix_hint(entry)}")
     actual_size = path.stat().st_size
     if actual_size != size:
-        return FileStatus(
-            path, False, f"size {actual_size} != expected {size}; {_fix_hint(entry)}"
-        )
+        return FileStatus(path, False, f"size {actual_size} != expected {size}; {_fix_hint(entry)}")
     actual = sha256_of(path)
     if actual != expected:
         return FileStatus(
@@ -158,9 +156,7 @@ def verify(entries: Iterable[ModelEntry], root: Path) -> list[FileStatus]:
                 )
             jobs += [(p, digest, size, entry) for p, digest, size in found]
         else:
-            jobs += [
-                (file_path(entry, f.name, root), f.sha256, f.size, entry) for f in entry.files
-            ]
+            jobs += [(file_path(entry, f.name, root), f.sha256, f.size, entry) for f in entry.files]
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(lambda job: _verify_file(*job), jobs))
     return missing + results

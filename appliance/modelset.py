@@ -15,11 +15,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import models as store
 from .config import Config
+
+if TYPE_CHECKING:
+    from livekit.agents.inference import VAD
+    from livekit.agents.llm import ToolChoice
+    from livekit.agents.voice.turn import _StreamingTurnDetector
+
+    from .plugins.llama_llm import LlamaLLM
+    from .plugins.piper_tts import PiperTTS
+    from .plugins.whisper_stt import WhisperSTT
 
 logger = logging.getLogger("appliance.models")
 
@@ -101,12 +111,12 @@ class ModelSet:
 
     # -- per-session plugin objects (call inside the running event loop) --
 
-    def vad(self):  # type: ignore[no-untyped-def]
+    def vad(self) -> VAD:
         from livekit.agents import inference
 
         return inference.VAD(model="silero")
 
-    def stt(self, *, segment_with_vad: bool = True):  # type: ignore[no-untyped-def]
+    def stt(self, *, segment_with_vad: bool = True) -> WhisperSTT:
         from .plugins.whisper_stt import WhisperSTT
 
         return WhisperSTT(
@@ -117,7 +127,7 @@ class ModelSet:
             interim_interval=self.config.models.stt_interim_interval,
         )
 
-    def llm(self, tool_choice=None):  # type: ignore[no-untyped-def]
+    def llm(self, tool_choice: ToolChoice | None = None) -> LlamaLLM:
         from .plugins.llama_llm import LlamaLLM
 
         cfg = self.config.models
@@ -130,7 +140,7 @@ class ModelSet:
             tool_choice=tool_choice,
         )
 
-    def tts(self):  # type: ignore[no-untyped-def]
+    def tts(self) -> PiperTTS:
         from .plugins.piper_tts import PiperTTS
 
         return PiperTTS(
@@ -139,7 +149,7 @@ class ModelSet:
             executor=self.tts_executor,
         )
 
-    def turn_detector(self):  # type: ignore[no-untyped-def]
+    def turn_detector(self) -> _StreamingTurnDetector:
         """The end-of-turn model named by [models] turn_model."""
         if self.smart_turn is not None:
             from .plugins.smart_turn import SmartTurnDetector

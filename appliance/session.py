@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from livekit.agents import Agent, AgentSession, RunContext, function_tool, llm
@@ -35,9 +36,9 @@ async def _end_conversation(context: RunContext) -> str:
 _TOOLS = {"current_time": _current_time, "end_conversation": _end_conversation}
 
 
-def build_tools(names: list[str]) -> list[llm.Tool]:
+def build_tools(names: Sequence[str]) -> list[llm.Tool | llm.Toolset]:
     """The built-in function tools named in [agent] tools."""
-    return [function_tool(_TOOLS[name], name=name) for name in names]
+    return [function_tool(_TOOLS[name], name=name) for name in names]  # type: ignore[call-overload]
 
 
 def tool_choice(agent: AgentConfig) -> llm.ToolChoice | None:

@@ -22,8 +22,12 @@ from typing import Any
 
 from livekit.agents import llm, utils
 from livekit.agents.llm import ChatChunk, ChoiceDelta, CompletionUsage, FunctionToolCall
-from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions
-from livekit.agents.types import NotGivenOr
+from livekit.agents.types import (
+    DEFAULT_API_CONNECT_OPTIONS,
+    NOT_GIVEN,
+    APIConnectOptions,
+    NotGivenOr,
+)
 from llama_cpp import Llama, LlamaGrammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -82,11 +86,13 @@ class LocalLlama:
         if not self.template_has_tools:
             messages = _fold_tools(messages, tools)
             tools = None
-        result = self.formatter(messages=messages, tools=tools)
+        result = self.formatter(messages=messages, tools=tools)  # type: ignore[arg-type]
         tokens = self.llama.tokenize(
             result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True
         )
-        stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
+        stop = (
+            result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
+        )
         return tokens, [s for s in stop if s]
 
 

