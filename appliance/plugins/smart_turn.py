@@ -19,7 +19,7 @@ import logging
 import time
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import onnxruntime as ort
@@ -321,6 +321,16 @@ class SmartTurnDetector(_BaseStreamingTurnDetector):
     @property
     def provider(self) -> str:
         return PROVIDER
+
+    def describe_options(self) -> dict[str, Any]:
+        """What the session report shows for this detector (``telemetry.DescribesOptions``)."""
+        return {
+            "model": MODEL_NAME,
+            "provider": PROVIDER,
+            "sample_rate": SAMPLE_RATE,
+            "window_seconds": WINDOW_SECONDS,
+            "unlikely_threshold": UNLIKELY_THRESHOLD,
+        }
 
     def stream(
         self,
