@@ -1,0 +1,544 @@
+"""`appliance bench`: voice-to-voice latency of the appliance's session against a stock one.
+
+Spoken questions are synthesized with the shared Piper voice, and each is put to two
+AgentSessions over the same loaded models, interleaved (appliance, stock, appliance, ...):
+
+* ``appliance``: `build_session(config, models)`, the session the daemon runs;
+* ``stock``: a plain AgentSession with the same local plugin objects and the reference's
+  default options, the batch Whisper STT wrapped in livekit's own `stt.StreamAdapter`.
+
+Voice-to-voice latency is read off the converse timeline: the first non-silent reply sample
+after the exact end of the question's speech. Per-stage figures come from livekit's
+per-message metrics. Results go to JSON, a summary to stdout, optionally a PNG chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import resource
+import shlex
+import sys
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import psutil
+
+from .config import Config, ConfigError, load
+
+if TYPE_CHECKING:
+    from livekit.agents import AgentSession
+
+    from .modelset import ModelSet
+
+logger = logging.getLogger("appliance.bench")
+
+QUESTIONS = (
+    "What is the capital of France?",
+    "How many days are in a week?",
+    "What color is the sky on a clear day?",
+    "How many legs does a spider have?",
+    "What is the boiling point of water?",
+    "Which planet is closest to the sun?",
+    "What do bees make?",
+    "How many minutes are in an hour?",
+    "What is the largest ocean on Earth?",
+    "Who wrote Romeo and Juliet?",
+    "What is two plus three?",
+    "What language is spoken in Spain?",
+)
+RATE = 16000
+LEAD_SILENCE_S = 0.3
+SPEECH_THRESHOLD = 300  # int16 amplitude: Piper's trailing near-silence stays below it
+TIMEOUT_S = 30.0
+IDLE_SECONDS = 5.0
+IDLE_SETTLE_S = 1.0
+CONFIGS = ("appliance", "stock")
+STAGES = ("end_of_turn", "stt", "llm_ttft", "llm_ttfs", "tts_ttfb", "other", "livekit_e2e")
+
+SessionFactory = Callable[[], "AgentSession"]
+
+
+@dataclass
+class Utterance:
+    """One spoken question: 16 kHz int16 audio and where its speech ends in it."""
+
+    text: str
+    pcm: np.ndarray
+    speech_end: float  # seconds from the first sample of `pcm`
+
+
+def speech_end_of(pcm: np.ndarray, threshold: int = SPEECH_THRESHOLD) -> float:
+    """Seconds to just after the last sample louder than `threshold` (0 if none is)."""
+    loud = np.flatnonzero(np.abs(pcm.astype(np.int32)) > threshold)
+    return (int(loud[-1]) + 1) / RATE if len(loud) else 0.0
+
+
+def make_utterances(models: ModelSet, count: int) -> list[Utterance]:
+    """`count` questions (cycling through QUESTIONS) spoken by the shared Piper voice."""
+    from .fileaudio import resample
+
+    lead = np.zeros(int(LEAD_SILENCE_S * RATE), np.int16)
+    out = []
+    for i in range(count):
+        text = QUESTIONS[i % len(QUESTIONS)]
+        speech = resample(models.voice.synthesize(text), models.voice.sample_rate, RATE)
+        pcm = np.concatenate([lead, speech])
+        out.append(Utterance(text, pcm, speech_end_of(pcm)))
+    return out
+
+
+def stock_session(models: ModelSet) -> AgentSession:
+    """A plain AgentSession: the ModelSet's plugins, the reference's default options.
+
+    Whisper runs as livekit runs any batch STT: wrapped in `stt.StreamAdapter` with the
+    session's VAD (what `Agent.default.stt_node` does for a non-streaming STT), so each
+    VAD segment is transcribed once at its end, with no interim transcripts. The turn
+    detector is livekit's local turn-detector-v1-mini. Call inside the running event loop.
+    """
+    from livekit.agents import AgentSession, inference, stt
+
+    vad = models.vad()
+    return AgentSession(
+        stt=stt.StreamAdapter(stt=models.stt(segment_with_vad=False), vad=vad),
+        vad=vad,
+        llm=models.llm(),
+        tts=models.tts(),
+        turn_detection=inference.TurnDetector(version="v1-mini"),
+        allow_interruptions=True,
+        min_endpointing_delay=0.5,
+        max_endpointing_delay=3.0,
+        preemptive_generation=False,
+        min_interruption_duration=0.5,
+        min_interruption_words=0,
+    )
+
+
+class LogTally(logging.Handler):
+    """Counts warnings and errors logged anywhere, by bench phase, logger and message."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.phase = "load"
+        self.counts: Counter[tuple[str, str, str, str]] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage().splitlines()[0][:300]
+        except Exception:  # a malformed record must not break the bench
+            message = str(record.msg)[:300]
+        self.counts[(self.phase, record.levelname, record.name, message)] += 1
+
+    def report(self) -> list[dict[str, Any]]:
+        return [
+            {"phase": p, "level": lvl, "logger": name, "message": msg, "count": n}
+            for (p, lvl, name, msg), n in sorted(self.counts.items())
+        ]
+
+
+def _cpu_seconds(proc: psutil.Process) -> float:
+    """CPU time of this process and its finished children (espeak-ng), in seconds."""
+    t = proc.cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def stage_seconds(metrics: list[dict[str, Any]]) -> dict[str, float | None]:
+    """livekit's figures for the question's turn: its user message and the reply after it."""
+    users = [i for i, m in enumerate(metrics) if m.get("role") == "user"]
+    user = metrics[users[-1]] if users else {}
+    after = metrics[users[-1] + 1 :] if users else metrics
+    replies = [m for m in after if m.get("role") == "assistant"]
+    reply = replies[0] if replies else {}
+    return {
+        "end_of_turn": user.get("end_of_turn_delay"),
+        "stt": user.get("transcription_delay"),
+        "llm_ttft": reply.get("llm_node_ttft"),
+        "llm_ttfs": reply.get("llm_node_ttfs"),
+        "tts_ttfb": reply.get("tts_node_ttfb"),
+        "livekit_e2e": reply.get("e2e_latency"),
+    }
+
+
+def _other(total: float, s: dict[str, float | None]) -> float | None:
+    """What the stages do not account for: total − end of turn − LLM − TTS first audio."""
+    llm = s["llm_ttfs"] if s["llm_ttfs"] is not None else s["llm_ttft"]
+    if s["end_of_turn"] is None or llm is None or s["tts_ttfb"] is None:
+        return None
+    return total - s["end_of_turn"] - llm - s["tts_ttfb"]
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 1)
+
+
+async def run_once(
+    name: str, models: ModelSet, config: Config, utt: Utterance, factory: SessionFactory
+) -> dict[str, Any]:
+    """One question through one configuration; a per-run record (with `error` on failure)."""
+    from .converse import converse
+
+    proc = psutil.Process()
+    record: dict[str, Any] = {"config": name, "question": utt.text}
+    cpu0 = _cpu_seconds(proc)
+    try:
+        result = await converse(models, config, utt.pcm, session=factory(), timeout=TIMEOUT_S)
+    except Exception as exc:  # a failed run is counted, not fatal
+        logger.warning("%s run failed: %r", name, exc)
+        record.update(cpu_s=round(_cpu_seconds(proc) - cpu0, 3), error=repr(exc))
+        return record
+    record["cpu_s"] = round(_cpu_seconds(proc) - cpu0, 3)
+    record["heard"] = " ".join(i["text"] for i in result.items if i["role"] == "user")
+    record["reply"] = " ".join(i["text"] for i in result.items if i["role"] == "assistant")
+    end = result.input_start + utt.speech_end
+    record["speech_end_s"] = round(end, 3)
+    first = result.first_audio_after(end)
+    earliest = result.first_audio_after(result.input_start)
+    if first is None:
+        record["error"] = "no reply audio after the end of speech"
+        return record
+    record["reply_before_end_of_speech"] = earliest is not None and earliest < end
+    total = first - end
+    stages = stage_seconds(result.metrics)
+    stages["other"] = _other(total, stages)
+    record["v2v_ms"] = _ms(total)
+    record["stages_ms"] = {k: _ms(stages.get(k)) for k in STAGES}
+    return record
+
+
+async def idle_cpu_percent(config: Config, factory: SessionFactory, seconds: float) -> float:
+    """Process CPU (percent of one core) while a started session hears `seconds` of silence."""
+    from .converse import wire
+    from .session import ApplianceAgent, end_session
+
+    session = factory()
+    wire(session, np.zeros(RATE, np.int16))  # the microphone is never started: silence
+    await session.start(ApplianceAgent(config.agent), record=False)
+    loop = asyncio.get_running_loop()
+    proc = psutil.Process()
+    try:
+        await asyncio.sleep(IDLE_SETTLE_S)
+        while session.current_speech is not None:  # a configured greeting
+            await asyncio.sleep(0.1)
+        cpu0, t0 = _cpu_seconds(proc), loop.time()
+        await asyncio.sleep(seconds)
+        used, wall = _cpu_seconds(proc) - cpu0, loop.time() - t0
+    finally:
+        end_session(session, "idle measurement finished")
+        await session.aclose()
+    return round(100 * used / wall, 1)
+
+
+async def _baseline_cpu_percent(seconds: float) -> float:
+    """Process CPU (percent of one core) with the models loaded and no session."""
+    proc = psutil.Process()
+    loop = asyncio.get_running_loop()
+    cpu0, t0 = _cpu_seconds(proc), loop.time()
+    await asyncio.sleep(seconds)
+    return round(100 * (_cpu_seconds(proc) - cpu0) / (loop.time() - t0), 1)
+
+
+async def _bench(
+    models: ModelSet, config: Config, utts: list[Utterance], tally: LogTally
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float]]:
+    from .session import build_session
+
+    factories: dict[str, SessionFactory] = {
+        "appliance": lambda: build_session(config, models),
+        "stock": lambda: stock_session(models),
+    }
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
+    for i, utt in enumerate(utts):
+        for name in CONFIGS:
+            tally.phase = name
+            rec = await run_once(name, models, config, utt, factories[name])
+            rec["utterance"] = i
+            runs[name].append(rec)
+            shown = f"{rec['v2v_ms']:7.0f} ms" if "v2v_ms" in rec else "  FAILED  "
+            print(
+                f"[{i + 1:2}/{len(utts)}] {name:9} {shown}  {utt.text!r} -> "
+                f"{rec.get('reply', rec.get('error', ''))[:60]!r}",
+                file=sys.stderr,
+                flush=True,
+            )
+            await asyncio.sleep(0.2)  # let the closed session's last tasks finish
+    idle: dict[str, float] = {}
+    tally.phase = "idle"
+    idle["baseline"] = await _baseline_cpu_percent(2.0)
+    for name in CONFIGS:
+        tally.phase = f"idle-{name}"
+        idle[name] = await idle_cpu_percent(config, factories[name], IDLE_SECONDS)
+    return runs, idle
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return round(float(np.percentile(values, q, method="linear")), 1)
+
+
+def summarise(runs: list[dict[str, Any]], idle: float) -> dict[str, Any]:
+    """Latency percentiles, stage medians, CPU and failures of one configuration."""
+    ok = [r for r in runs if "v2v_ms" in r]
+    totals = [r["v2v_ms"] for r in ok]
+    stages: dict[str, float | None] = {}
+    for key in STAGES:
+        vals = [r["stages_ms"][key] for r in ok if r["stages_ms"].get(key) is not None]
+        stages[f"{key}_ms"] = _pct(vals, 50)
+    cpu = [r["cpu_s"] for r in runs if "cpu_s" in r]
+    return {
+        "n": len(ok),
+        "failures": len(runs) - len(ok),
+        "p50_ms": _pct(totals, 50),
+        "p95_ms": _pct(totals, 95),
+        "min_ms": min(totals) if totals else None,
+        "max_ms": max(totals) if totals else None,
+        "mean_ms": round(float(np.mean(totals)), 1) if totals else None,
+        "stages": stages,
+        "cpu_s": round(sum(cpu), 2),
+        "cpu_s_per_run": round(sum(cpu) / len(cpu), 3) if cpu else None,
+        "idle_cpu_percent": idle,
+        "runs": runs,
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, memory, OS, Python and the key library versions."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions: dict[str, str | None] = {}
+    for dist in ("livekit-agents", "faster-whisper", "llama-cpp-python", "onnxruntime"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model or platform.processor() or None,
+        "arch": platform.machine(),
+        "memory_mb": round(psutil.virtual_memory().total / 2**20),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return round(peak / 1024 if sys.platform != "darwin" else peak / 2**20, 1)
+
+
+def write_chart(results: dict[str, Any], path: str | Path) -> None:
+    """A horizontal stacked bar per configuration: the p50 stage breakdown and p50 total."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = (
+        ("STT (transcript after end of speech)", "#4e79a7"),
+        ("end of turn (decision after transcript)", "#a0cbe8"),
+        ("LLM first token", "#f28e2b"),
+        ("LLM rest of first sentence", "#ffbe7d"),
+        ("TTS first audio", "#59a14f"),
+        ("other (scheduling, playout, VAD offset)", "#bab0ac"),
+    )
+    fig, ax = plt.subplots(figsize=(11, 3.9), dpi=120)
+    for row, name in enumerate(CONFIGS):
+        s = results[name]["stages"]
+        total = results[name]["p50_ms"] or 0.0
+
+        def get(key: str, stages: dict[str, Any] = s) -> float:
+            return float(stages.get(key) or 0.0)
+
+        stt = min(get("stt_ms"), get("end_of_turn_ms"))
+        ttfs = max(get("llm_ttfs_ms"), get("llm_ttft_ms"))
+        values = [
+            stt,
+            get("end_of_turn_ms") - stt,
+            get("llm_ttft_ms"),
+            ttfs - get("llm_ttft_ms"),
+            get("tts_ttfb_ms"),
+        ]
+        values.append(max(total - sum(values), 0.0))
+        left = 0.0
+        for (label, color), width in zip(parts, values, strict=True):
+            ax.barh(
+                row,
+                width,
+                left=left,
+                color=color,
+                edgecolor="white",
+                height=0.55,
+                label=label if row == 0 else None,
+            )
+            if width >= 110:
+                ax.text(left + width / 2, row, f"{width:.0f}", ha="center", va="center", fontsize=9)
+            left += width
+        p95 = results[name]["p95_ms"]
+        ax.text(
+            left + 25,
+            row,
+            f"p50 {total:.0f} ms\np95 {p95 or 0:.0f} ms",
+            va="center",
+            fontsize=10,
+            fontweight="bold",
+        )
+    ax.set_yticks(range(len(CONFIGS)), [f"{n}\n(n={results[n]['n']})" for n in CONFIGS])
+    ax.invert_yaxis()
+    longest = max((results[n]["p50_ms"] or 0.0) for n in CONFIGS)
+    ax.set_xlim(0, longest * 1.22 + 1)
+    ax.set_xlabel("milliseconds after the end of the user's speech (stage medians)")
+    machine = results["machine"]
+    ax.set_title(
+        f"Voice-to-voice latency, p50 by stage — {results['utterances']} questions, "
+        f"{machine['cpu_count']}-core {machine['cpu_model']} ({machine['arch']})",
+        fontsize=11,
+    )
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=3, fontsize=8.5, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _print_summary(results: dict[str, Any]) -> None:
+    m = results["machine"]
+    print(
+        f"voice-to-voice latency, {results['utterances']} questions, "
+        f"{m['cpu_count']}-core {m['cpu_model']}:"
+    )
+    for name in CONFIGS:
+        r = results[name]
+        print(
+            f"  {name:9}  p50 {r['p50_ms']} ms  p95 {r['p95_ms']} ms  "
+            f"(ok {r['n']}, failures {r['failures']}, CPU {r['cpu_s']} s, "
+            f"idle CPU {r['idle_cpu_percent']} %)"
+        )
+        st = r["stages"]
+        print(
+            f"             stage p50 ms: end of turn {st['end_of_turn_ms']}, STT {st['stt_ms']}, "
+            f"LLM first token {st['llm_ttft_ms']}, TTS first audio {st['tts_ttfb_ms']}"
+        )
+    print(f"  ratio p50 (appliance / stock): {results['ratio_p50']}")
+    print(
+        f"  peak RSS {results['rss_mb']} MB, cold start {results['cold_start_s']} s, "
+        f"idle CPU {results['idle_cpu_percent']} % of one core"
+    )
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """`appliance bench`: run, write `args.json_out` (and `args.chart`), print a summary."""
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 78
+    count = int(args.utterances)
+    if count < 1:
+        print("error: --utterances must be at least 1", file=sys.stderr)
+        return 2
+
+    tally = LogTally()
+    logging.getLogger().addHandler(tally)
+    logging.captureWarnings(True)
+    started = datetime.datetime.now(datetime.timezone.utc)
+
+    from .models import ModelError
+    from .modelset import ModelSet
+
+    t0 = time.perf_counter()
+    try:
+        models = ModelSet(config)
+        models.warm()
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 78
+    cold_start = time.perf_counter() - t0
+    rss_loaded = psutil.Process().memory_info().rss / 2**20
+    try:
+        utts = make_utterances(models, count)
+        print(
+            f"models ready in {cold_start:.1f} s; {count} questions x {len(CONFIGS)} "
+            "configurations",
+            file=sys.stderr,
+            flush=True,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            runs, idle = asyncio.run(_bench(models, config, utts, tally))
+    finally:
+        models.close()
+        logging.getLogger().removeHandler(tally)
+        logging.captureWarnings(False)
+
+    results: dict[str, Any] = {
+        "date": started.isoformat(timespec="seconds"),
+        "command": shlex.join(sys.argv),
+        "cwd": os.getcwd(),
+        "machine": machine_info(),
+        "config": config.source,
+        "utterances": count,
+        "percentile_method": "numpy.percentile, method='linear'",
+        "cold_start_s": round(cold_start, 2),
+        "load_times": {
+            "verify_s": round(models.times.verify_s, 3),
+            "load_s": models.times.load_s,
+            "warm_s": round(models.times.warm_s, 3),
+        },
+        "rss_mb": _peak_rss_mb(),
+        "rss_after_load_mb": round(rss_loaded, 1),
+        "idle_cpu_percent": idle["appliance"],
+        "idle_baseline_cpu_percent": idle["baseline"],
+        "idle_seconds": IDLE_SECONDS,
+    }
+    for name in CONFIGS:
+        results[name] = summarise(runs[name], idle[name])
+    a, s = results["appliance"], results["stock"]
+    results["ratio_p50"] = round(a["p50_ms"] / s["p50_ms"], 3) if a["n"] and s["n"] else None
+    results["ratio_p95"] = round(a["p95_ms"] / s["p95_ms"], 3) if a["n"] and s["n"] else None
+    results["questions"] = [
+        {"text": u.text, "seconds": round(len(u.pcm) / RATE, 3), "speech_end_s": u.speech_end}
+        for u in utts
+    ]
+    results["stock_definition"] = (
+        "AgentSession(stt=stt.StreamAdapter(stt=models.stt(segment_with_vad=False), vad=vad), "
+        "vad=vad, llm=models.llm(), tts=models.tts(), "
+        "turn_detection=inference.TurnDetector(version='v1-mini'), allow_interruptions=True, "
+        "min_endpointing_delay=0.5, max_endpointing_delay=3.0, preemptive_generation=False, "
+        "min_interruption_duration=0.5, min_interruption_words=0), vad = models.vad()"
+    )
+    results["logged"] = tally.report()
+
+    out = Path(args.json_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    code = 0 if a["n"] and s["n"] else 1
+    if args.chart:
+        chart = Path(args.chart)
+        chart.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write_chart(results, chart)
+        except ImportError:
+            print("error: --chart needs matplotlib (pip install -e '.[dev]')", file=sys.stderr)
+            code = 1
+    _print_summary(results)
+    print(f"results: {out}" + (f", chart: {args.chart}" if args.chart else ""))
+    return code

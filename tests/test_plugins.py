@@ -1,0 +1,154 @@
+"""The local STT and LLM plugins through livekit's interfaces (real models)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+from livekit import rtc
+from livekit.agents import llm, stt
+
+from appliance.plugins.llama_llm import LlamaLLM
+
+pytestmark = pytest.mark.slow
+
+
+def frames(pcm: np.ndarray, rate: int = 16000) -> list[rtc.AudioFrame]:
+    step = rate // 100
+    return [
+        rtc.AudioFrame(pcm[i : i + step].tobytes(), rate, 1, len(pcm[i : i + step]))
+        for i in range(0, len(pcm) - step + 1, step)
+    ]
+
+
+def test_stt_flush_gives_the_final_transcript_at_once(models: Any, speak: Any) -> None:
+    """Push-to-talk: a flush transcribes what was said; an empty flush still answers."""
+    speech = speak("Turn on the kitchen lights.")
+
+    async def main() -> list[stt.SpeechEvent]:
+        engine = models.stt(segment_with_vad=False)
+        stream = engine.stream()
+        for frame in frames(speech):
+            stream.push_frame(frame)
+        stream.flush()
+        stream.flush()  # nothing new: an empty final releases commit_user_turn at once
+        stream.end_input()
+        events = [ev async for ev in stream]
+        await engine.aclose()
+        return events
+
+    events = asyncio.run(main())
+    finals = [e for e in events if e.type == stt.SpeechEventType.FINAL_TRANSCRIPT]
+    assert len(finals) >= 2
+    text = finals[0].alternatives[0].text.lower()
+    assert "kitchen" in text and "lights" in text, text
+    assert finals[0].alternatives[0].language == "en"  # the turn model needs a language
+    assert finals[1].alternatives[0].text == ""
+
+
+def test_stt_stream_segments_with_vad_and_sends_interims(models: Any, speak: Any) -> None:
+    speech = speak("I would like to book a table for two people tonight at the restaurant.")
+    padded = np.concatenate([speech, np.zeros(16000, np.int16)])
+
+    async def main() -> list[stt.SpeechEvent]:
+        engine = models.stt()
+        stream = engine.stream()
+        events: list[stt.SpeechEvent] = []
+
+        async def read() -> None:
+            async for ev in stream:
+                events.append(ev)
+
+        reader = asyncio.create_task(read())
+        for frame in frames(padded):
+            stream.push_frame(frame)
+            await asyncio.sleep(0.01)  # real time, as from a microphone
+        stream.end_input()
+        await reader
+        await engine.aclose()
+        return events
+
+    events = asyncio.run(main())
+    kinds = [e.type for e in events]
+    assert stt.SpeechEventType.START_OF_SPEECH in kinds
+    assert stt.SpeechEventType.END_OF_SPEECH in kinds
+    assert stt.SpeechEventType.INTERIM_TRANSCRIPT in kinds
+    final = next(e for e in events if e.type == stt.SpeechEventType.FINAL_TRANSCRIPT)
+    assert kinds.index(stt.SpeechEventType.END_OF_SPEECH) < kinds.index(final.type)
+    assert {"table", "tonight"} <= set(final.alternatives[0].text.lower().replace(".", "").split())
+
+
+def _chat(engine: LlamaLLM, ctx: llm.ChatContext) -> tuple[str, Any]:
+    async def main() -> tuple[str, Any]:
+        text, usage = "", None
+        async with engine.chat(chat_ctx=ctx) as stream:
+            async for chunk in stream:
+                if chunk.delta and chunk.delta.content:
+                    text += chunk.delta.content
+                if chunk.usage:
+                    usage = chunk.usage
+        return text, usage
+
+    return asyncio.run(main())
+
+
+def test_llm_streams_and_reuses_the_kv_cache_of_the_unchanged_prefix(models: Any) -> None:
+    async def make() -> LlamaLLM:
+        return models.llm()
+
+    engine = asyncio.run(make())
+    ctx = llm.ChatContext.empty()
+    ctx.add_message(role="system", content="You are a helpful assistant. " * 20)
+    ctx.add_message(role="user", content="Name a colour.")
+    first, usage1 = _chat(engine, ctx)
+    assert first.strip() and usage1.completion_tokens > 0
+    ctx.add_message(role="assistant", content=first)
+    ctx.add_message(role="user", content="Name another one.")
+    second, usage2 = _chat(engine, ctx)
+    assert second.strip()
+    # everything before the new user message was already in the KV cache
+    assert usage2.prompt_cached_tokens >= usage1.prompt_tokens
+    assert usage2.prompt_cached_tokens < usage2.prompt_tokens
+
+
+def test_llm_generation_stops_when_the_stream_is_closed(models: Any) -> None:
+    async def main() -> tuple[int, int]:
+        engine = LlamaLLM(models.llama, models.llm_executor, model_name="smollm2", max_tokens=500)
+        ctx = llm.ChatContext.empty()
+        ctx.add_message(role="user", content="Write a very long story about a dragon.")
+        stream = engine.chat(chat_ctx=ctx)
+        received = 0
+        async for chunk in stream:
+            received += 1
+            if received == 3:
+                break
+        await stream.aclose()
+        # wait for the worker to finish, then see how far llama.cpp got
+        await asyncio.get_running_loop().run_in_executor(models.llm_executor, lambda: None)
+        prompt = len(models.llama.prompt([{"role": "user", "content": "x"}], None)[0])
+        return received, models.llama.llama.n_tokens - prompt
+
+    received, evaluated = asyncio.run(main())
+    assert received == 3
+    assert evaluated < 100  # far short of the 500 it was allowed: cancelled promptly
+
+
+def test_llm_forced_tool_choice_gives_a_valid_call(models: Any) -> None:
+    from appliance.session import build_tools
+
+    async def main() -> list[llm.FunctionToolCall]:
+        engine = models.llm({"type": "function", "function": {"name": "current_time"}})
+        ctx = llm.ChatContext.empty()
+        ctx.add_message(role="user", content="What time is it?")
+        calls: list[llm.FunctionToolCall] = []
+        async with engine.chat(chat_ctx=ctx, tools=build_tools(["current_time"])) as stream:
+            async for chunk in stream:
+                if chunk.delta:
+                    calls += chunk.delta.tool_calls
+        return calls
+
+    calls = asyncio.run(main())
+    assert len(calls) == 1 and calls[0].name == "current_time"
+    assert calls[0].arguments.strip().startswith("{")
