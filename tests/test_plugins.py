@@ -120,7 +120,7 @@ def test_llm_generation_stops_when_the_stream_is_closed(models: Any) -> None:
         ctx.add_message(role="user", content="Write a very long story about a dragon.")
         stream = engine.chat(chat_ctx=ctx)
         received = 0
-        async for chunk in stream:
+        async for _chunk in stream:
             received += 1
             if received == 3:
                 break
