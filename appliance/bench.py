@@ -66,6 +66,15 @@ TIMEOUT_S = 30.0
 IDLE_SECONDS = 5.0
 IDLE_SETTLE_S = 1.0
 CONFIGS = ("appliance", "stock")
+# The AgentSession reference's defaults, passed as the reference names them.
+STOCK_OPTIONS: dict[str, Any] = {
+    "allow_interruptions": True,
+    "min_endpointing_delay": 0.5,
+    "max_endpointing_delay": 3.0,
+    "preemptive_generation": False,
+    "min_interruption_duration": 0.5,
+    "min_interruption_words": 0,
+}
 STAGES = ("end_of_turn", "stt", "llm_ttft", "llm_ttfs", "tts_ttfb", "other", "livekit_e2e")
 
 SessionFactory = Callable[[], "AgentSession"]
@@ -117,12 +126,7 @@ def stock_session(models: ModelSet) -> AgentSession:
         llm=models.llm(),
         tts=models.tts(),
         turn_detection=inference.TurnDetector(version="v1-mini"),
-        allow_interruptions=True,
-        min_endpointing_delay=0.5,
-        max_endpointing_delay=3.0,
-        preemptive_generation=False,
-        min_interruption_duration=0.5,
-        min_interruption_words=0,
+        **STOCK_OPTIONS,
     )
 
 
@@ -171,16 +175,55 @@ def stage_seconds(metrics: list[dict[str, Any]]) -> dict[str, float | None]:
     }
 
 
-def _other(total: float, s: dict[str, float | None]) -> float | None:
-    """What the stages do not account for: total − end of turn − LLM − TTS first audio."""
-    llm = s["llm_ttfs"] if s["llm_ttfs"] is not None else s["llm_ttft"]
-    if s["end_of_turn"] is None or llm is None or s["tts_ttfb"] is None:
+BREAKDOWN = (
+    ("stt", "STT (transcript after end of speech)", "#4e79a7"),
+    ("turn", "end of turn (decision after transcript)", "#a0cbe8"),
+    ("llm_ttft", "LLM first token", "#f28e2b"),
+    ("llm_sentence", "LLM rest of first sentence", "#ffbe7d"),
+    ("tts_ttfb", "TTS first audio", "#59a14f"),
+    ("other", "other (VAD offset, scheduling, playout)", "#bab0ac"),
+)
+
+
+def breakdown(total: float, s: dict[str, float | None]) -> dict[str, float] | None:
+    """One run's latency as consecutive parts that add up to `total` (None if incomplete).
+
+    livekit measures transcription and the end-of-turn decision both from the end of speech,
+    so STT is the first part of the end-of-turn wait; the LLM's first sentence (which the
+    non-streaming TTS waits for) follows the decision, then the TTS's first audio.
+    """
+    eot, ttft, tts = s["end_of_turn"], s["llm_ttft"], s["tts_ttfb"]
+    if eot is None or ttft is None or tts is None:
         return None
-    return total - s["end_of_turn"] - llm - s["tts_ttfb"]
+    stt = min(s["stt"] if s["stt"] is not None else 0.0, eot)
+    ttfs = max(s["llm_ttfs"] if s["llm_ttfs"] is not None else ttft, ttft)
+    parts = {
+        "stt": stt,
+        "turn": eot - stt,
+        "llm_ttft": ttft,
+        "llm_sentence": ttfs - ttft,
+        "tts_ttfb": tts,
+    }
+    parts["other"] = total - sum(parts.values())
+    return parts
 
 
 def _ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 1)
+
+
+def _prime_llm(models: ModelSet, config: Config) -> None:
+    """Leave llama.cpp's KV cache holding the system prompt and a neutral question.
+
+    llama.cpp reuses the longest cached prompt prefix, so without this the second of two
+    runs of the same question would skip its prefill; now every run starts alike.
+    """
+    messages = [
+        {"role": "system", "content": config.agent.instructions},
+        {"role": "user", "content": "Hello."},
+    ]
+    tokens, _ = models.llama.prompt(messages, None)
+    models.llama.llama.create_completion(tokens, max_tokens=1, temperature=0.0)
 
 
 async def run_once(
@@ -191,9 +234,12 @@ async def run_once(
 
     proc = psutil.Process()
     record: dict[str, Any] = {"config": name, "question": utt.text}
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(models.llm_executor, _prime_llm, models, config)
+    session = factory()
     cpu0 = _cpu_seconds(proc)
     try:
-        result = await converse(models, config, utt.pcm, session=factory(), timeout=TIMEOUT_S)
+        result = await converse(models, config, utt.pcm, session=session, timeout=TIMEOUT_S)
     except Exception as exc:  # a failed run is counted, not fatal
         logger.warning("%s run failed: %r", name, exc)
         record.update(cpu_s=round(_cpu_seconds(proc) - cpu0, 3), error=repr(exc))
@@ -211,9 +257,12 @@ async def run_once(
     record["reply_before_end_of_speech"] = earliest is not None and earliest < end
     total = first - end
     stages = stage_seconds(result.metrics)
-    stages["other"] = _other(total, stages)
+    parts = breakdown(total, stages)
+    stages["other"] = parts["other"] if parts else None
     record["v2v_ms"] = _ms(total)
     record["stages_ms"] = {k: _ms(stages.get(k)) for k in STAGES}
+    if parts:
+        record["breakdown_ms"] = {k: _ms(v) for k, v in parts.items()}
     return record
 
 
@@ -223,7 +272,7 @@ async def idle_cpu_percent(config: Config, factory: SessionFactory, seconds: flo
     from .session import ApplianceAgent, end_session
 
     session = factory()
-    wire(session, np.zeros(RATE, np.int16))  # the microphone is never started: silence
+    *_, sync = wire(session, np.zeros(RATE, np.int16))  # the mic never starts: silence
     await session.start(ApplianceAgent(config.agent), record=False)
     loop = asyncio.get_running_loop()
     proc = psutil.Process()
@@ -237,6 +286,7 @@ async def idle_cpu_percent(config: Config, factory: SessionFactory, seconds: flo
     finally:
         end_session(session, "idle measurement finished")
         await session.aclose()
+        await sync.aclose()
     return round(100 * used / wall, 1)
 
 
@@ -288,24 +338,36 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q, method="linear")), 1)
 
 
-def summarise(runs: list[dict[str, Any]], idle: float) -> dict[str, Any]:
-    """Latency percentiles, stage medians, CPU and failures of one configuration."""
+def summarise(runs: list[dict[str, Any]], idle: float, max_delay: float) -> dict[str, Any]:
+    """Latency percentiles, stage medians, CPU and failures of one configuration.
+
+    `max_delay` is the session's max_endpointing_delay: runs whose end-of-turn decision
+    took (about) that long are counted, as the turn model held the turn open until then.
+    """
     ok = [r for r in runs if "v2v_ms" in r]
     totals = [r["v2v_ms"] for r in ok]
     stages: dict[str, float | None] = {}
     for key in STAGES:
         vals = [r["stages_ms"][key] for r in ok if r["stages_ms"].get(key) is not None]
         stages[f"{key}_ms"] = _pct(vals, 50)
+    split = [r["breakdown_ms"] for r in ok if "breakdown_ms" in r]
+    parts = {k: _pct([b[k] for b in split], 50) for k, _, _ in BREAKDOWN}
     cpu = [r["cpu_s"] for r in runs if "cpu_s" in r]
     return {
         "n": len(ok),
         "failures": len(runs) - len(ok),
+        "replies_before_end_of_speech": sum(1 for r in ok if r["reply_before_end_of_speech"]),
         "p50_ms": _pct(totals, 50),
         "p95_ms": _pct(totals, 95),
         "min_ms": min(totals) if totals else None,
         "max_ms": max(totals) if totals else None,
         "mean_ms": round(float(np.mean(totals)), 1) if totals else None,
         "stages": stages,
+        "breakdown_p50_ms": parts,
+        "end_of_turn_at_max_delay": sum(
+            1 for r in ok if (r["stages_ms"]["end_of_turn"] or 0) >= 0.98 * max_delay * 1000
+        ),
+        "max_endpointing_delay_s": max_delay,
         "cpu_s": round(sum(cpu), 2),
         "cpu_s_per_run": round(sum(cpu) / len(cpu), 3) if cpu else None,
         "idle_cpu_percent": idle,
@@ -352,34 +414,17 @@ def write_chart(results: dict[str, Any], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parts = (
-        ("STT (transcript after end of speech)", "#4e79a7"),
-        ("end of turn (decision after transcript)", "#a0cbe8"),
-        ("LLM first token", "#f28e2b"),
-        ("LLM rest of first sentence", "#ffbe7d"),
-        ("TTS first audio", "#59a14f"),
-        ("other (scheduling, playout, VAD offset)", "#bab0ac"),
-    )
-    fig, ax = plt.subplots(figsize=(11, 3.9), dpi=120)
+    fig, ax = plt.subplots(figsize=(11, 4.0), dpi=120)
+    ends = []
+    for name in CONFIGS:
+        parts = results[name]["breakdown_p50_ms"]
+        ends.append(max(sum(v or 0.0 for v in parts.values()), results[name]["p50_ms"] or 0.0))
+    xmax = max(ends) * 1.24 + 1
     for row, name in enumerate(CONFIGS):
-        s = results[name]["stages"]
-        total = results[name]["p50_ms"] or 0.0
-
-        def get(key: str, stages: dict[str, Any] = s) -> float:
-            return float(stages.get(key) or 0.0)
-
-        stt = min(get("stt_ms"), get("end_of_turn_ms"))
-        ttfs = max(get("llm_ttfs_ms"), get("llm_ttft_ms"))
-        values = [
-            stt,
-            get("end_of_turn_ms") - stt,
-            get("llm_ttft_ms"),
-            ttfs - get("llm_ttft_ms"),
-            get("tts_ttfb_ms"),
-        ]
-        values.append(max(total - sum(values), 0.0))
+        parts = results[name]["breakdown_p50_ms"]
         left = 0.0
-        for (label, color), width in zip(parts, values, strict=True):
+        for key, label, color in BREAKDOWN:
+            width = max(float(parts.get(key) or 0.0), 0.0)
             ax.barh(
                 row,
                 width,
@@ -389,23 +434,25 @@ def write_chart(results: dict[str, Any], path: str | Path) -> None:
                 height=0.55,
                 label=label if row == 0 else None,
             )
-            if width >= 110:
+            if width >= 0.03 * xmax:
                 ax.text(left + width / 2, row, f"{width:.0f}", ha="center", va="center", fontsize=9)
             left += width
-        p95 = results[name]["p95_ms"]
+        total, p95 = results[name]["p50_ms"] or 0.0, results[name]["p95_ms"] or 0.0
+        ax.plot([total, total], [row - 0.36, row + 0.36], color="black", linewidth=2)
+        if abs(total - left) > 1:
+            ax.plot([left, total], [row, row], color="black", linewidth=1, linestyle=":")
         ax.text(
-            left + 25,
+            max(left, total) + 0.012 * xmax,
             row,
-            f"p50 {total:.0f} ms\np95 {p95 or 0:.0f} ms",
+            f"p50 {total:.0f} ms\np95 {p95:.0f} ms",
             va="center",
             fontsize=10,
             fontweight="bold",
         )
     ax.set_yticks(range(len(CONFIGS)), [f"{n}\n(n={results[n]['n']})" for n in CONFIGS])
     ax.invert_yaxis()
-    longest = max((results[n]["p50_ms"] or 0.0) for n in CONFIGS)
-    ax.set_xlim(0, longest * 1.22 + 1)
-    ax.set_xlabel("milliseconds after the end of the user's speech (stage medians)")
+    ax.set_xlim(0, xmax)
+    ax.set_xlabel("milliseconds after the end of the user's speech")
     machine = results["machine"]
     ax.set_title(
         f"Voice-to-voice latency, p50 by stage — {results['utterances']} questions, "
@@ -413,8 +460,20 @@ def write_chart(results: dict[str, Any], path: str | Path) -> None:
         fontsize=11,
     )
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=3, fontsize=8.5, frameon=False)
-    fig.tight_layout()
+    waits = ", ".join(
+        f"{n} {results[n]['end_of_turn_at_max_delay']}/{results[n]['n']}" for n in CONFIGS
+    )
+    fig.text(
+        0.5,
+        0.01,
+        "Segments: per-run medians of each part; black tick: p50 of the total. "
+        f"Runs whose end of turn waited the full max_endpointing_delay: {waits}.",
+        ha="center",
+        fontsize=8.5,
+        color="#555555",
+    )
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.26), ncol=3, fontsize=8.5, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
@@ -470,6 +529,8 @@ def run_bench(args: argparse.Namespace) -> int:
         models.warm()
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        logging.getLogger().removeHandler(tally)
+        logging.captureWarnings(False)
         return 78
     cold_start = time.perf_counter() - t0
     rss_loaded = psutil.Process().memory_info().rss / 2**20
@@ -510,21 +571,43 @@ def run_bench(args: argparse.Namespace) -> int:
         "idle_seconds": IDLE_SECONDS,
     }
     for name in CONFIGS:
-        results[name] = summarise(runs[name], idle[name])
+        max_delay = (
+            config.session.max_endpointing_delay
+            if name == "appliance"
+            else STOCK_OPTIONS["max_endpointing_delay"]
+        )
+        results[name] = summarise(runs[name], idle[name], max_delay)
     a, s = results["appliance"], results["stock"]
     results["ratio_p50"] = round(a["p50_ms"] / s["p50_ms"], 3) if a["n"] and s["n"] else None
     results["ratio_p95"] = round(a["p95_ms"] / s["p95_ms"], 3) if a["n"] and s["n"] else None
+    diffs = [
+        ra["v2v_ms"] - rs["v2v_ms"]
+        for ra, rs in zip(a["runs"], s["runs"], strict=True)
+        if "v2v_ms" in ra and "v2v_ms" in rs
+    ]
+    results["paired_diff_ms"] = {
+        "what": "appliance minus stock, per question, over questions both answered",
+        "n": len(diffs),
+        "p50": _pct(diffs, 50),
+        "mean": round(float(np.mean(diffs)), 1) if diffs else None,
+    }
     results["questions"] = [
         {"text": u.text, "seconds": round(len(u.pcm) / RATE, 3), "speech_end_s": u.speech_end}
         for u in utts
     ]
+    options = ", ".join(f"{k}={v!r}" for k, v in STOCK_OPTIONS.items())
     results["stock_definition"] = (
-        "AgentSession(stt=stt.StreamAdapter(stt=models.stt(segment_with_vad=False), vad=vad), "
-        "vad=vad, llm=models.llm(), tts=models.tts(), "
-        "turn_detection=inference.TurnDetector(version='v1-mini'), allow_interruptions=True, "
-        "min_endpointing_delay=0.5, max_endpointing_delay=3.0, preemptive_generation=False, "
-        "min_interruption_duration=0.5, min_interruption_words=0), vad = models.vad()"
+        "vad = models.vad(); AgentSession(stt=stt.StreamAdapter(stt=models.stt("
+        "segment_with_vad=False), vad=vad), vad=vad, llm=models.llm(), tts=models.tts(), "
+        f"turn_detection=inference.TurnDetector(version='v1-mini'), {options})"
     )
+    results["notes"] = [
+        "voice-to-voice = first reply sample louder than 300 (int16) after the last question "
+        "sample louder than 300, both on the converse timeline",
+        "before every run the LLM KV cache is primed with the system prompt and a neutral "
+        "question, so neither configuration reuses the other's prefill of the same question",
+        "runs alternate appliance, stock per question, in one process on one ModelSet",
+    ]
     results["logged"] = tally.report()
 
     out = Path(args.json_out)

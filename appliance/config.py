@@ -69,7 +69,7 @@ class ModelsConfig(_Section):
     llm_context: int = Field(2048, ge=256, le=131072)
     llm_max_tokens: int = Field(96, ge=1, le=4096)
     llm_temperature: float = Field(0.3, ge=0.0, le=2.0)
-    stt_interim_interval: float = Field(1.0, ge=0.0, le=10.0)
+    stt_interim_interval: float = Field(0.0, ge=0.0, le=10.0)
     verify: bool = True
 
 

@@ -108,11 +108,12 @@ def history_items(ctx: llm.ChatContext) -> list[dict[str, Any]]:
 
 def wire(
     session: AgentSession, pcm: np.ndarray
-) -> tuple[Clock, WavAudioInput, RecordingAudioOutput, EventLog]:
+) -> tuple[Clock, WavAudioInput, RecordingAudioOutput, EventLog, TranscriptSynchronizer]:
     """Give a session a WAV microphone and a recording speaker on one clock.
 
     The speaker is wrapped in livekit's TranscriptSynchronizer so an interrupted reply is
-    stored in the history truncated to what was played.
+    stored in the history truncated to what was played. Close the synchronizer after the
+    session (`await sync.aclose()`), or its tasks outlive the conversation.
     """
     clock = Clock()
     events = EventLog(session, clock)
@@ -122,7 +123,7 @@ def wire(
     session.input.audio = mic
     session.output.audio = sync.audio_output
     session.output.transcription = sync.text_output
-    return clock, mic, speaker, events
+    return clock, mic, speaker, events, sync
 
 
 def _reply_done(session: AgentSession, output: RecordingAudioOutput, after_user: int) -> bool:
@@ -141,7 +142,7 @@ async def converse(
 ) -> ConverseResult:
     """Run one conversation turn over 16 kHz int16 mono audio; returns its record."""
     session = session or build_session(config, models)
-    clock, mic, speaker, events = wire(session, pcm)
+    clock, mic, speaker, events, sync = wire(session, pcm)
 
     await session.start(ApplianceAgent(config.agent), record=False)
     try:
@@ -160,6 +161,7 @@ async def converse(
     finally:
         end_session(session, "converse finished")
         await session.aclose()
+        await sync.aclose()
     metrics = [
         {"role": i.role, **dict(i.metrics)}
         for i in session.history.items

@@ -61,12 +61,15 @@ async def running(
     models: Any, config: config_mod.Config, pcm: np.ndarray | None = None
 ) -> AsyncIterator[tuple[AgentSession, WavAudioInput, RecordingAudioOutput, Any]]:
     session = build_session(config, models)
-    _clock, mic, speaker, events = wire(session, pcm if pcm is not None else np.zeros(1, np.int16))
+    _clock, mic, speaker, events, sync = wire(
+        session, pcm if pcm is not None else np.zeros(1, np.int16)
+    )
     await session.start(ApplianceAgent(config.agent), record=False)
     try:
         yield session, mic, speaker, events
     finally:
         await session.aclose()
+        await sync.aclose()
 
 
 def test_spoken_question_gets_a_spoken_reply(models: Any, speak: Any) -> None:

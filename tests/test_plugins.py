@@ -11,6 +11,7 @@ from livekit import rtc
 from livekit.agents import llm, stt
 
 from appliance.plugins.llama_llm import LlamaLLM
+from appliance.plugins.whisper_stt import WhisperSTT
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +54,9 @@ def test_stt_stream_segments_with_vad_and_sends_interims(models: Any, speak: Any
     padded = np.concatenate([speech, np.zeros(16000, np.int16)])
 
     async def main() -> list[stt.SpeechEvent]:
-        engine = models.stt()
+        engine = WhisperSTT(
+            models.whisper, models.stt_executor, vad=models.vad(), interim_interval=1.0
+        )
         stream = engine.stream()
         events: list[stt.SpeechEvent] = []
 

@@ -75,7 +75,7 @@ class WhisperSTT(stt.STT):
         vad: vad.VAD | None,
         model_name: str = "tiny.en",
         language: str = "en",
-        interim_interval: float = 1.0,
+        interim_interval: float = 0.0,
     ) -> None:
         super().__init__(
             capabilities=stt.STTCapabilities(
