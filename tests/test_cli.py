@@ -1,0 +1,63 @@
+"""The command line on bad input: clear errors and exit codes, nothing half done."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from appliance.fileaudio import read_audio
+
+APPLIANCE = [sys.executable, "-m", "appliance"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*APPLIANCE, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
+
+
+def test_any_rate_and_stereo_input_is_accepted(tmp_path: Path) -> None:
+    rate, seconds = 44100, 1.5
+    t = np.arange(int(rate * seconds)) / rate
+    tone = 0.3 * np.sin(2 * np.pi * 440 * t)
+    path = tmp_path / "stereo.wav"
+    soundfile.write(str(path), np.stack([tone, tone], axis=1), rate)
+    pcm = read_audio(path)
+    assert pcm.dtype == np.int16 and abs(len(pcm) - 16000 * seconds) < 160
+    assert 0.2 * 32768 < np.abs(pcm).max() < 0.4 * 32768
+
+
+def test_unreadable_input_gets_a_clear_error(tmp_path: Path) -> None:
+    garbage = tmp_path / "question.wav"
+    garbage.write_bytes(b"RIFF not really a wave file")
+    out = run("converse", "--in", str(garbage), "--out", str(tmp_path / "r.wav"))
+    assert out.returncode == 65, out.stderr
+    assert f"{garbage}: cannot read audio" in out.stderr
+    assert not (tmp_path / "r.wav").exists()
+
+
+def test_missing_models_stop_start_up_naming_the_fix(tmp_path: Path) -> None:
+    empty = tmp_path / "models"
+    empty.mkdir()
+    out = run(
+        "converse", "--out", str(tmp_path / "r.wav"), env={"APPLIANCE_MODELS_DIR": str(empty)}
+    )
+    assert out.returncode == 78, out.stderr
+    assert str(empty / "whisper-tiny.en" / "model.bin") in out.stderr
+    assert "appliance models install whisper/tiny.en" in out.stderr
+
+
+def test_models_list_and_verify_json() -> None:
+    listed = run("models", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {r["id"]: r for r in json.loads(listed.stdout)["models"]}
+    assert rows["whisper/tiny.en"]["in_use"] and rows["whisper/tiny.en"]["verified"]
+    assert rows["livekit/turn-detector-v1-mini"]["licence"].startswith("LiveKit Model License")
+    verified = run("models", "verify")
+    assert verified.returncode == 0, verified.stdout
