@@ -129,7 +129,7 @@ def wire(
 def _reply_done(session: AgentSession, output: RecordingAudioOutput, after_user: int) -> bool:
     items = session.history.items
     replied = any(i.type == "message" and i.role == "assistant" for i in items[after_user:])
-    return replied and session.agent_state == "listening" and output._segment_start is None
+    return replied and session.agent_state == "listening" and not output.playing
 
 
 async def converse(

@@ -81,7 +81,6 @@ class WavAudioInput(io.AudioInput):
         self._rate = rate
         self._step = rate * FRAME_MS // 1000
         self._index = 0
-        self._attached = True
         self.start_at: float | None = None
         self.finished = asyncio.Event()
 
@@ -94,7 +93,7 @@ class WavAudioInput(io.AudioInput):
         delay = due - self._clock.now()
         if delay > 0:
             await asyncio.sleep(delay)
-        elif delay < -0.2:  # detached or stalled: a live mic would have moved on
+        elif delay < -0.2:  # detached (nobody read) or stalled: drop what a live mic lost
             self._index = int(self._clock.now() * 1000 / FRAME_MS)
         chunk = np.zeros(self._step, np.int16)
         if self.start_at is not None:
@@ -106,12 +105,6 @@ class WavAudioInput(io.AudioInput):
                 self.finished.set()
         self._index += 1
         return rtc.AudioFrame(chunk.tobytes(), self._rate, 1, self._step)
-
-    def on_attached(self) -> None:
-        self._attached = True
-
-    def on_detached(self) -> None:
-        self._attached = False
 
 
 class RecordingAudioOutput(io.AudioOutput):
@@ -131,6 +124,11 @@ class RecordingAudioOutput(io.AudioOutput):
         self._held: list[np.ndarray] = []
         self._finish_timer: asyncio.TimerHandle | None = None
         self.segments: list[dict[str, float | bool]] = []
+
+    @property
+    def playing(self) -> bool:
+        """Whether a segment is being played (or is paused) right now."""
+        return self._segment_start is not None
 
     def _now(self) -> int:
         assert self.rate is not None
