@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import psutil
 
-from .config import Config, ConfigError, load
+from .config import Config
 
 if TYPE_CHECKING:
     from livekit.agents import AgentSession
@@ -274,24 +274,20 @@ async def idle_cpu_percent(config: Config, factory: SessionFactory, seconds: flo
     session = factory()
     *_, sync = wire(session, np.zeros(RATE, np.int16))  # the mic never starts: silence
     await session.start(ApplianceAgent(config.agent), record=False)
-    loop = asyncio.get_running_loop()
-    proc = psutil.Process()
     try:
         await asyncio.sleep(IDLE_SETTLE_S)
         while session.current_speech is not None:  # a configured greeting
             await asyncio.sleep(0.1)
-        cpu0, t0 = _cpu_seconds(proc), loop.time()
-        await asyncio.sleep(seconds)
-        used, wall = _cpu_seconds(proc) - cpu0, loop.time() - t0
+        percent = await _cpu_percent(seconds)
     finally:
         end_session(session, "idle measurement finished")
         await session.aclose()
         await sync.aclose()
-    return round(100 * used / wall, 1)
+    return percent
 
 
-async def _baseline_cpu_percent(seconds: float) -> float:
-    """Process CPU (percent of one core) with the models loaded and no session."""
+async def _cpu_percent(seconds: float) -> float:
+    """Process CPU, as a percentage of one core, over the next `seconds`."""
     proc = psutil.Process()
     loop = asyncio.get_running_loop()
     cpu0, t0 = _cpu_seconds(proc), loop.time()
@@ -325,7 +321,7 @@ async def _bench(
             await asyncio.sleep(0.2)  # let the closed session's last tasks finish
     idle: dict[str, float] = {}
     tally.phase = "idle"
-    idle["baseline"] = await _baseline_cpu_percent(2.0)
+    idle["baseline"] = await _cpu_percent(2.0)  # models loaded, no session
     for name in CONFIGS:
         tally.phase = f"idle-{name}"
         idle[name] = await idle_cpu_percent(config, factories[name], IDLE_SECONDS)
@@ -503,13 +499,8 @@ def _print_summary(results: dict[str, Any]) -> None:
     )
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def run_bench(args: argparse.Namespace, config: Config) -> int:
     """`appliance bench`: run, write `args.json_out` (and `args.chart`), print a summary."""
-    try:
-        config = load(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 78
     count = int(args.utterances)
     if count < 1:
         print("error: --utterances must be at least 1", file=sys.stderr)

@@ -30,7 +30,6 @@ def _load_config(path: str | None) -> config_mod.Config:
 
 
 def _load_models(config: config_mod.Config) -> ModelSet:
-
     from .modelset import ModelSet
 
     try:
@@ -73,17 +72,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _in_use(config: config_mod.Config) -> set[str]:
-    m = config.models
-    return {m.stt, m.llm, m.tts, m.vad, m.turn_model}
-
-
 def cmd_models(args: argparse.Namespace) -> int:
     config = _load_config(args.config)
     manifest = store.load_manifest()
     root = store.models_dir(config.models.dir)
+    in_use = set(config.models_in_use())
     if args.action == "install":
-        ids = args.ids or sorted(_in_use(config) | {"smart-turn/v3.2"})
+        ids = args.ids or sorted(in_use | {"smart-turn/v3.2"})
         for model_id in ids:
             if model_id not in manifest:
                 print(f"error: unknown model {model_id!r}; see `appliance models list`")
@@ -99,7 +94,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{model_id}: {'installed' if written else 'ok'} ({root / entry.dir})")
         return 0
     entries = (
-        [manifest[i] for i in sorted(_in_use(config))]
+        [manifest[i] for i in sorted(in_use)]
         if args.action == "verify"
         else list(manifest.values())
     )
@@ -108,7 +103,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         {
             "id": e.id,
             "kind": e.kind,
-            "in_use": e.id in _in_use(config),
+            "in_use": e.id in in_use,
             "size": e.size,
             "quantisation": e.quantisation,
             "licence": e.licence,
@@ -137,7 +132,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
-    return run_bench(args)
+    return run_bench(args, _load_config(args.config))
 
 
 def build_parser() -> argparse.ArgumentParser:

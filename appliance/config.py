@@ -98,6 +98,14 @@ class Config(_Section):
     agent: AgentConfig = Field(default_factory=lambda: AgentConfig())
     source: str = Field(default="<defaults>", exclude=True)
 
+    def models_in_use(self) -> list[str]:
+        """Manifest ids of the models this configuration loads."""
+        m = self.models
+        in_use = [m.stt, m.llm, m.tts, m.vad]
+        if self.session.turn_detection == "model":
+            in_use.append(m.turn_model)
+        return in_use
+
 
 def _describe(error: dict[str, Any]) -> str:
     key = error["loc"]

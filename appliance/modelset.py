@@ -57,10 +57,7 @@ class ModelSet:
         cfg = config.models
         self.root = store.models_dir(cfg.dir)
         manifest = store.load_manifest()
-        in_use = [cfg.stt, cfg.llm, cfg.tts, cfg.vad]
-        if config.session.turn_detection == "model":
-            in_use.append(cfg.turn_model)
-        self.entries = {model_id: manifest[model_id] for model_id in in_use}
+        self.entries = {model_id: manifest[model_id] for model_id in config.models_in_use()}
         self.times = LoadTimes()
 
         t0 = time.perf_counter()
