@@ -8,22 +8,24 @@ value and what is allowed.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 on JetPack 6
-    import tomli as tomllib
+from . import manifest as manifest_mod
+from .manifest import tomllib
 
-STT_MODELS = ("whisper/tiny.en",)
-LLM_MODELS = ("llama.cpp/smollm2-135m-instruct",)
-TTS_MODELS = ("piper/en_US-joe-medium",)
-VAD_MODELS = ("silero",)
-TURN_MODELS = ("livekit/turn-detector-v1-mini", "smart-turn/v3.2")
+DEFAULT_PROFILE = "x86-dev"
+# [models] keys a profile may not set through its `settings` (it names models directly).
+_PROFILE_FIXED = ("dir", "manifest", "profile", "stt", "llm", "tts", "vad", "turn_model")
 BUILTIN_TOOLS = ("current_time", "end_conversation")
 
 DEFAULT_INSTRUCTIONS = (
@@ -55,22 +57,64 @@ class SessionConfig(_Section):
 
 
 class ModelsConfig(_Section):
-    """Which local models to use, by the reference's "provider/model" strings."""
+    """Which local models to use: a board profile, and "provider/model" ids that override it.
+
+    After validation `stt`, `llm`, `tts`, `vad`, `turn_model` and `threads` hold the
+    resolved values (the profile's unless set in the file).
+    """
 
     dir: str = ""
-    stt: Literal["whisper/tiny.en"] = "whisper/tiny.en"
-    llm: Literal["llama.cpp/smollm2-135m-instruct"] = "llama.cpp/smollm2-135m-instruct"
-    tts: Literal["piper/en_US-joe-medium"] = "piper/en_US-joe-medium"
-    vad: Literal["silero"] = "silero"
-    turn_model: Literal["livekit/turn-detector-v1-mini", "smart-turn/v3.2"] = (
-        "livekit/turn-detector-v1-mini"
-    )
+    manifest: str = ""
+    profile: str = DEFAULT_PROFILE
+    stt: str = ""
+    llm: str = ""
+    tts: str = ""
+    vad: str = ""
+    turn_model: str = ""
     threads: int = Field(2, ge=1, le=64)
     llm_context: int = Field(2048, ge=256, le=131072)
     llm_max_tokens: int = Field(96, ge=1, le=4096)
+    llm_gpu_layers: int = Field(0, ge=-1, le=1000)
     llm_temperature: float = Field(0.3, ge=0.0, le=2.0)
     stt_interim_interval: float = Field(0.0, ge=0.0, le=10.0)
     verify: bool = True
+
+    @model_validator(mode="after")
+    def _resolve_profile(self) -> ModelsConfig:
+        try:
+            manifest = manifest_mod.load(self.manifest)
+        except manifest_mod.ManifestError as exc:
+            raise ValueError(f"manifest = {self.manifest!r}: {exc}") from None
+        if self.profile not in manifest.profiles:
+            known = ", ".join(repr(p) for p in sorted(manifest.profiles))
+            raise ValueError(f"profile = {self.profile!r}: unknown profile; one of {known}")
+        profile = manifest.profiles[self.profile]
+        for key, kind in (
+            ("stt", "stt"),
+            ("llm", "llm"),
+            ("tts", "tts"),
+            ("vad", "vad"),
+            ("turn_model", "turn"),
+        ):
+            value = getattr(self, key) or getattr(profile, key)
+            try:
+                manifest.check_model(value, kind)
+            except ValueError as exc:
+                raise ValueError(f"{key} = {value!r}: {exc}") from None
+            setattr(self, key, value)
+        bad = [k for k in profile.settings if k not in ModelsConfig.model_fields]
+        if bad or set(profile.settings) & set(_PROFILE_FIXED):
+            raise ValueError(f"profile = {self.profile!r}: cannot set {sorted(profile.settings)}")
+        defaults = {k: v for k, v in profile.settings.items() if k not in self.model_fields_set}
+        if defaults:
+            given = self.model_dump(include=self.model_fields_set)
+            try:
+                checked = ModelsConfig.model_validate({**given, **defaults})
+            except ValidationError as exc:
+                raise ValueError(f"profile = {self.profile!r}: bad settings: {exc}") from None
+            for key in defaults:
+                setattr(self, key, getattr(checked, key))
+        return self
 
 
 class AgentConfig(_Section):
@@ -116,8 +160,10 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{where}: unknown key"
     if error["type"] == "missing":
         return f"{where}: required key is missing"
-    value = error.get("input")
     message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "value_error" and len(key) == 1:
+        return f"{where} {message}"  # a cross-key check: the message names the key
+    value = error.get("input")
     return f"{where} = {value!r}: {message}"
 
 

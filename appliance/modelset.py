@@ -21,6 +21,7 @@ import numpy as np
 
 from . import models as store
 from .config import Config
+from .manifest import load as load_manifest
 
 if TYPE_CHECKING:
     from livekit.agents.inference import VAD
@@ -56,8 +57,8 @@ class ModelSet:
         self.config = config
         cfg = config.models
         self.root = store.models_dir(cfg.dir)
-        manifest = store.load_manifest()
-        self.entries = {model_id: manifest[model_id] for model_id in config.models_in_use()}
+        manifest = load_manifest(cfg.manifest)
+        self.entries = {model_id: manifest.models[model_id] for model_id in config.models_in_use()}
         self.times = LoadTimes()
 
         t0 = time.perf_counter()
@@ -65,28 +66,35 @@ class ModelSet:
             store.require(self.entries.values(), self.root)
         self.times.verify_s = time.perf_counter() - t0
 
-        def path(model_id: str, index: int = 0) -> Path:
+        def path(model_id: str, suffix: str) -> Path:
             entry = self.entries[model_id]
-            return store.file_path(entry, entry.files[index].name, self.root)
+            return store.file_path(entry, entry.file(suffix).name, self.root)
 
         def timed(name: str, start: float) -> None:
             self.times.load_s[name] = round(time.perf_counter() - start, 3)
 
         t = time.perf_counter()
-        self.whisper = load_model(str(path(cfg.stt).parent), threads=cfg.threads)
+        self.whisper = load_model(str(path(cfg.stt, "model.bin").parent), threads=cfg.threads)
         timed("stt", t)
         t = time.perf_counter()
-        self.llama = LocalLlama(str(path(cfg.llm)), n_ctx=cfg.llm_context, threads=cfg.threads)
+        self.llama = LocalLlama(
+            str(path(cfg.llm, ".gguf")),
+            n_ctx=cfg.llm_context,
+            threads=cfg.threads,
+            gpu_layers=cfg.llm_gpu_layers,
+        )
         timed("llm", t)
         t = time.perf_counter()
-        self.voice = PiperVoice(path(cfg.tts, 0), path(cfg.tts, 1), threads=cfg.threads)
+        self.voice = PiperVoice(
+            path(cfg.tts, ".onnx"), path(cfg.tts, ".onnx.json"), threads=cfg.threads
+        )
         timed("tts", t)
         self.smart_turn = None
-        if "smart-turn/v3.2" in self.entries:
+        if cfg.turn_model.startswith("smart-turn/") and cfg.turn_model in self.entries:
             from .plugins.smart_turn import SmartTurnModel
 
             t = time.perf_counter()
-            self.smart_turn = SmartTurnModel(path("smart-turn/v3.2"), threads=1)
+            self.smart_turn = SmartTurnModel(path(cfg.turn_model, ".onnx"), threads=1)
             timed("turn", t)
 
         self.stt_executor = ThreadPoolExecutor(1, thread_name_prefix="stt")
@@ -149,11 +157,11 @@ class ModelSet:
     def turn_detector(self, name: str | None = None) -> _StreamingTurnDetector:
         """An end-of-turn model: `name`, or [models] turn_model."""
         name = name or self.config.models.turn_model
-        if name == "smart-turn/v3.2":
+        if name.startswith("smart-turn/"):
             from .plugins.smart_turn import SmartTurnDetector
 
             if self.smart_turn is None:
-                raise store.ModelError("smart-turn/v3.2 was not loaded by this model set")
+                raise store.ModelError(f"{name} was not loaded by this model set")
             return SmartTurnDetector(self.smart_turn, executor=self.turn_executor)
         from livekit.agents import inference
 

@@ -28,4 +28,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q -e ".[dev]"
   touch "$stamp"
 fi
-.venv/bin/appliance models install
+# the x86-dev profile (embedded defaults) and smart-turn, which the tests also use
+.venv/bin/appliance models fetch --profile x86-dev smart-turn/v3.2

@@ -14,15 +14,16 @@ import numpy as np
 import pytest
 
 from appliance import config as config_mod
+from appliance import manifest
 from appliance import models as store
 from appliance.fileaudio import resample
 
 MODELS_DIR = store.models_dir()
 
 
-def model_file(model_id: str, index: int = 0) -> Path:
-    entry = store.load_manifest()[model_id]
-    return store.file_path(entry, entry.files[index].name, MODELS_DIR)
+def model_file(model_id: str, suffix: str) -> Path:
+    entry = manifest.load().models[model_id]
+    return store.file_path(entry, entry.file(suffix).name, MODELS_DIR)
 
 
 @pytest.fixture(scope="session")

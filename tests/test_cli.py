@@ -50,7 +50,7 @@ def test_missing_models_stop_start_up_naming_the_fix(tmp_path: Path) -> None:
     )
     assert out.returncode == 78, out.stderr
     assert str(empty / "whisper-tiny.en" / "model.bin") in out.stderr
-    assert "appliance models install whisper/tiny.en" in out.stderr
+    assert "appliance models fetch whisper/tiny.en" in out.stderr
 
 
 def test_models_list_and_verify_json() -> None:
@@ -61,3 +61,36 @@ def test_models_list_and_verify_json() -> None:
     assert rows["livekit/turn-detector-v1-mini"]["licence"].startswith("LiveKit Model License")
     verified = run("models", "verify")
     assert verified.returncode == 0, verified.stdout
+
+
+def test_a_corrupt_model_stops_start_up_naming_the_file(tmp_path: Path) -> None:
+    """The installed models, linked into a new directory, with one file corrupted."""
+    from appliance import manifest
+    from appliance import models as store
+
+    installed, root = store.models_dir(), tmp_path / "models"
+    for path in installed.rglob("*"):
+        if path.is_file() and not path.name.startswith("."):
+            link = root / path.relative_to(installed)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path)
+    voice = manifest.load().models["piper/en_US-joe-medium"]
+    bad = root / voice.dir / voice.file(".onnx.json").name
+    data = bytearray(bad.read_bytes())
+    data[10] ^= 0x20
+    bad.unlink()
+    bad.write_bytes(bytes(data))
+    out = run("converse", "--out", str(tmp_path / "r.wav"), env={"APPLIANCE_MODELS_DIR": str(root)})
+    assert out.returncode == 78, out.stderr
+    assert f"{bad}: sha256 mismatch" in out.stderr
+    assert "appliance models fetch piper/en_US-joe-medium" in out.stderr
+    assert not (tmp_path / "r.wav").exists()
+
+
+def test_the_daemon_switches_the_hub_libraries_offline() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    code = "import os, appliance.modelset; print(os.environ['HF_HUB_OFFLINE'])"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.strip() == "1"

