@@ -94,3 +94,41 @@ def test_the_daemon_switches_the_hub_libraries_offline() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert out.stdout.strip() == "1"
+
+
+def test_the_daemon_runs_the_profile_the_config_selects(tmp_path: Path) -> None:
+    """An operator's extra manifest adds a profile; converse loads exactly its models."""
+    extra = tmp_path / "site.toml"
+    extra.write_text(
+        """
+[profiles.kiosk-test]
+board = "test"
+description = "the installed models, smart-turn as the turn model, one thread"
+stt = "whisper/tiny.en"
+llm = "llama.cpp/smollm2-135m-instruct"
+tts = "piper/en_US-joe-medium"
+vad = "silero"
+turn_model = "smart-turn/v3.2"
+settings = { threads = 1, llm_max_tokens = 24 }
+why = { stt = "a", llm = "b", tts = "c", vad = "d", turn = "e" }
+"""
+    )
+    config = tmp_path / "appliance.toml"
+    config.write_text(f'[models]\nmanifest = "{extra}"\nprofile = "kiosk-test"\n')
+    verified = run("models", "verify", "--config", str(config), "--json")
+    assert verified.returncode == 0, verified.stderr
+    ids = [m["id"] for m in json.loads(verified.stdout)["models"]]
+    assert "smart-turn/v3.2" in ids and "livekit/turn-detector-v1-mini" not in ids
+
+    code = (
+        "import sys; from appliance import config, modelset; "
+        "m = modelset.ModelSet(config.load(sys.argv[1])); "
+        "print(m.config.models.threads, m.config.models.llm_max_tokens, m.smart_turn is not None)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(config)], capture_output=True, text=True, timeout=300
+    )
+    assert out.stdout.split() == ["1", "24", "True"], out.stderr
+    answered = run("converse", "--config", str(config), "--out", str(tmp_path / "r.wav"))
+    assert answered.returncode == 0, answered.stderr
+    assert "assistant:" in answered.stdout
