@@ -274,7 +274,15 @@ def bytes_needed(entries: Iterable[ModelEntry], root: Path) -> int:
     """Disk space a fetch of these entries still needs (archives included, parts subtracted)."""
     needed = 0
     for entry in entries:
-        todo = missing_files(entry, root)
+        if entry.embedded:
+            continue
+        # a size check only (hashing is for later): a file of the right size counts as there
+        todo = [
+            f
+            for f in entry.files
+            if not (path := file_path(entry, f.name, root)).is_file()
+            or path.stat().st_size != f.size
+        ]
         for f in todo:
             part = _part(file_path(entry, f.name, root))
             needed += f.size - (part.stat().st_size if part.exists() and f.url else 0)
@@ -470,6 +478,7 @@ def fetch(
             FileResult(entry.id, str(s.path), "present" if s.ok else "rejected", s.detail)
             for s in verify([entry], root)
         ]
+    check_space([entry], root)
     state: dict[str, Any] = {}
 
     def obtain(f: ModelFile, part: Path) -> None:

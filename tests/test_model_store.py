@@ -333,8 +333,9 @@ def test_a_disk_too_small_is_refused_before_any_download(
     ).models["test/llm"]
     root = tmp_path / "models"
     with pytest.raises(store.ModelError, match=r"not enough disk space.*nothing was fetched"):
-        store.check_space([entry], root)
+        store.fetch(entry, root, progress=False)
     assert server.requests == []
+    assert not root.exists() or not [p for p in root.rglob("*") if p.is_file()]
 
 
 def test_two_fetches_of_the_same_model_at_once_take_turns(
