@@ -117,6 +117,23 @@ class ModelsConfig(_Section):
         return self
 
 
+class AudioConfig(_Section):
+    """The USB audio bridge (kiosk): devices, echo cancellation, playback."""
+
+    enabled: bool = False
+    input: str = Field("voice_in", min_length=1)
+    output: str = Field("voice_out", min_length=1)
+    input_rate: int = Field(0, ge=0, le=192000)
+    output_rate: int = Field(0, ge=0, le=192000)
+    echo_cancellation: bool = True
+    noise_suppression: bool = True
+    high_pass_filter: bool = True
+    auto_gain_control: bool = True
+    echo_delay_ms: int = Field(40, ge=0, le=500)
+    aec_warmup: float = Field(1.0, ge=0.0, le=10.0)
+    playback_padding_ms: int = Field(100, ge=0, le=2000)
+
+
 class AgentConfig(_Section):
     """The agent: what it is told, what it says first, which tools it may call."""
 
@@ -140,6 +157,7 @@ class Config(_Section):
     session: SessionConfig = Field(default_factory=lambda: SessionConfig())
     models: ModelsConfig = Field(default_factory=lambda: ModelsConfig())
     agent: AgentConfig = Field(default_factory=lambda: AgentConfig())
+    audio: AudioConfig = Field(default_factory=lambda: AudioConfig())
     source: str = Field(default="<defaults>", exclude=True)
 
     def models_in_use(self) -> list[str]:

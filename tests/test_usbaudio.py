@@ -1,0 +1,140 @@
+"""The USB audio bridge through the real PortAudio/ALSA stack, with no sound card.
+
+ALSA's `file` plugin over a `null` slave stands in for the card (DESIGN.md section 6):
+capture reads a raw file, playback writes one. These PCMs are not paced by hardware; the
+bridge's own pacer keeps them at real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from livekit import rtc
+
+from appliance import config as config_mod
+from appliance.usbaudio import UsbAudio, find_device, list_devices
+
+FIRMWARE_ALSA = Path(__file__).parent.parent / "firmware" / "alsa" / "asound.conf"
+
+
+def file_pcms(
+    tmp_path: Path, capture: str = "voice_in", playback: str = "voice_out", before: str = ""
+) -> str:
+    """An ALSA config whose capture/playback PCMs are files; returns ALSA_CONFIG_PATH.
+
+    `before` is a config file loaded first (the production asound.conf): the file PCMs
+    then override its PCMs of the same names (`pcm.!name`).
+    """
+    conf = tmp_path / "asound-test.conf"
+    conf.write_text(
+        f"""
+pcm.!{capture} {{
+  type file
+  slave.pcm {{ type null }}
+  file "/dev/null"
+  infile "{tmp_path / "mic.raw"}"
+  format "raw"
+}}
+pcm.!{playback} {{
+  type file
+  slave.pcm {{ type null }}
+  file "{tmp_path / "speaker.raw"}"
+  format "raw"
+}}
+"""
+    )
+    return ":".join(p for p in ("/usr/share/alsa/alsa.conf", before, str(conf)) if p)
+
+
+@pytest.fixture(params=["plain", "production"])
+def alsa_files(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    """File PCMs named voice_in/voice_out; or the production asound.conf with only its
+    card-facing PCMs (dsnoop/dmix over the card, which need real hardware) replaced."""
+    if request.param == "plain":
+        path = file_pcms(tmp_path)
+    else:
+        path = file_pcms(tmp_path, "voice_capture", "voice_playback", str(FIRMWARE_ALSA))
+    monkeypatch.setenv("ALSA_CONFIG_PATH", path)
+    (tmp_path / "mic.raw").write_bytes(bytes(16000 * 2 * 10))  # 10 s of silence by default
+    yield tmp_path
+
+
+def audio_config(**over: object) -> config_mod.AudioConfig:
+    return config_mod.AudioConfig(enabled=True, **over)  # type: ignore[arg-type]
+
+
+def test_devices_are_listed_and_found_by_name(alsa_files: Path) -> None:
+    devices = list_devices()
+    assert find_device(devices, "voice_in", "inputs")["name"] == "voice_in"
+    assert find_device(devices, "voice_out", "outputs")["name"] == "voice_out"
+    with pytest.raises(Exception, match="input device 'usb-speakerphone': none matches"):
+        find_device(devices, "usb-speakerphone", "inputs")
+
+
+def test_capture_is_bit_exact_at_the_session_rate(alsa_files: Path) -> None:
+    rng = np.random.default_rng(1)
+    mic = rng.integers(-20000, 20000, 16000 * 2, dtype=np.int16)
+    np.concatenate([mic, np.zeros(16000 * 3, np.int16)]).tofile(alsa_files / "mic.raw")
+    cfg = audio_config(
+        input_rate=16000,
+        output_rate=16000,
+        echo_cancellation=False,
+        noise_suppression=False,
+        auto_gain_control=False,
+        high_pass_filter=False,
+    )
+
+    async def main() -> np.ndarray:
+        usb = UsbAudio(cfg)
+        usb.start()
+        try:
+            frames = []
+            async for frame in usb.microphone:
+                assert frame.sample_rate == 16000 and frame.samples_per_channel == 160
+                frames.append(np.frombuffer(bytes(frame.data), np.int16))
+                if len(frames) == 200:
+                    break
+            return np.concatenate(frames)
+        finally:
+            usb.close()
+
+    got = asyncio.run(main())
+    assert np.array_equal(got, mic)
+
+
+def test_playback_is_bit_exact_and_reports_the_played_position(alsa_files: Path) -> None:
+    cfg = audio_config(input_rate=16000, output_rate=48000, echo_cancellation=False)
+    tone = (8000 * np.sin(2 * np.pi * 440 * np.arange(48000) / 48000 + 0.5)).astype(np.int16)
+
+    async def main() -> tuple[list[dict[str, float | bool]], list[float]]:
+        usb = UsbAudio(cfg)
+        usb.start()
+        try:
+            assert await usb.wait_connected(5)
+            speaker = usb.speaker
+            started: list[float] = []
+            speaker.on("playback_started", lambda ev: started.append(ev.created_at))
+            finished = asyncio.Event()
+            speaker.on("playback_finished", lambda ev: finished.set())
+            for i in range(0, len(tone), 960):  # 20 ms frames, as TTS sends them
+                chunk = tone[i : i + 960]
+                await speaker.capture_frame(rtc.AudioFrame(chunk.tobytes(), 48000, 1, len(chunk)))
+            speaker.flush()
+            await asyncio.wait_for(finished.wait(), 5)
+            return speaker.segments, started
+        finally:
+            usb.close()
+
+    segments, started = asyncio.run(main())
+    assert len(started) == 1
+    assert segments == [{"played": 1.0, "interrupted": False}]
+    played = np.fromfile(alsa_files / "speaker.raw", np.int16)
+    start = int(np.argmax(played != 0))
+    assert np.array_equal(played[start : start + len(tone)], tone)
