@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-audio clean
 
 install:
 	bash scripts/install.sh
@@ -20,6 +20,9 @@ test: lint
 
 bench: install
 	$(BIN)/appliance bench --json bench/results.json --chart bench/latency.png
+
+bench-audio: install
+	$(BIN)/appliance bench-audio --json bench/usbaudio.json
 
 clean:
 	rm -rf $(VENV) reply.wav conversation.json .pytest_cache .mypy_cache .ruff_cache

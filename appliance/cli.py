@@ -294,10 +294,74 @@ def cmd_models_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_devices(args: argparse.Namespace) -> int:
+    from .usbaudio import AudioDeviceError, list_devices
+
+    try:
+        devices = list_devices()
+    except AudioDeviceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"devices": devices}, indent=2))
+        return 0
+    if not devices:
+        print(
+            "no audio devices: is the USB sound card plugged in, and the ALSA config "
+            "(/etc/asound.conf) installed? See `aplay -l`.",
+            file=sys.stderr,
+        )
+        return 1
+    for d in devices:
+        kinds = "/".join(k for k, n in (("in", d["inputs"]), ("out", d["outputs"])) if n)
+        print(f"{d['index']:3}  {kinds:6}  {d['default_rate']:6} Hz  {d['name']}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from .kiosk import serve_usb
+
+    config = _load_config(args.config)
+    if not config.audio.enabled:
+        print(
+            f"error: {config.source}: no bridge is enabled; set [audio] enabled = true "
+            "for a USB kiosk",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
+    models = _load_models(config)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print(
+            f"appliance: serving the USB kiosk on {config.audio.input!r} / {config.audio.output!r}",
+            file=sys.stderr,
+        )
+        await serve_usb(config, models, stop)
+
+    try:
+        asyncio.run(main())
+    finally:
+        models.close()
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     return run_bench(args, _load_config(args.config))
+
+
+def cmd_bench_audio(args: argparse.Namespace) -> int:
+    from .bench_audio import run_bench_audio
+
+    return run_bench_audio(args, _load_config(args.config))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,21 +438,40 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true", help="even when the config uses them")
     m.set_defaults(func=cmd_models_remove)
 
+    p = sub.add_parser("run", help="run the appliance (the USB kiosk when [audio] is enabled)")
+    p.add_argument("--config", default=None, help="config file")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("devices", help="list audio input and output devices")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_devices)
+
     p = sub.add_parser("bench", help="voice-to-voice latency benchmark")
     p.add_argument("--json", dest="json_out", default="bench/results.json")
     p.add_argument("--config", default=None)
     p.add_argument("--utterances", type=int, default=10)
     p.add_argument("--chart", default=None, help="also write a per-stage chart (PNG)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("bench-audio", help="USB audio bridge figures: echo, CPU, latency")
+    p.add_argument("--json", dest="json_out", default="bench/usbaudio.json")
+    p.add_argument("--config", default=None)
+    p.set_defaults(func=cmd_bench_audio)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
+        level=logging.DEBUG
+        if args.verbose
+        else logging.INFO
+        if args.command == "run"
+        else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        logging.getLogger("faster_whisper").setLevel(logging.WARNING)  # a line per utterance
     try:
         return int(args.func(args) or 0)
     except (store.ModelError, DownloadError) as exc:

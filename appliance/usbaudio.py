@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import threading
 import time
@@ -50,6 +52,40 @@ class AudioDeviceError(Exception):
     """PortAudio is missing, or no device matches the configured name."""
 
 
+# C callbacks that drop ALSA's and JACK's own messages; kept alive for the process.
+_ALSA_HANDLER = ctypes.CFUNCTYPE(
+    None, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p
+)(lambda *_: None)
+_JACK_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_char_p)(lambda _: None)
+_quieted = False
+
+
+def _quiet_native_logs() -> None:
+    """Stop ALSA and JACK printing every failed probe to stderr while PortAudio enumerates.
+
+    On a board without JACK or with few cards each (re)scan prints dozens of lines, every
+    half second while a device is unplugged; the bridge logs what matters itself. With
+    debug logging (`appliance -v`) the native messages are kept.
+    """
+    global _quieted
+    if _quieted or logger.isEnabledFor(logging.DEBUG):
+        return
+    _quieted = True
+    for name, setters, handler in (
+        ("asound", ("snd_lib_error_set_handler",), _ALSA_HANDLER),
+        ("jack", ("jack_set_error_function", "jack_set_info_function"), _JACK_HANDLER),
+    ):
+        path = ctypes.util.find_library(name)
+        if path is None:
+            continue
+        try:
+            lib = ctypes.CDLL(path)
+            for setter in setters:
+                getattr(lib, setter)(handler)
+        except (OSError, AttributeError):
+            continue
+
+
 def _pyaudio() -> Any:
     try:
         import pyaudio
@@ -58,6 +94,7 @@ def _pyaudio() -> Any:
             f"PyAudio is not installed ({exc}); apt-get install portaudio19-dev, then "
             "pip install pyaudio==0.2.14"
         ) from None
+    _quiet_native_logs()
     return pyaudio
 
 
@@ -196,6 +233,11 @@ class _DeviceThread:
         self._thread = threading.Thread(target=self._run, name=f"audio-{self.what}", daemon=True)
         self._thread.start()
 
+    @property
+    def native_id(self) -> int | None:
+        """The thread's id as the OS knows it (for per-thread CPU figures)."""
+        return self._thread.native_id if self._thread is not None else None
+
     def stop(self) -> None:
         self.running = False
         if self._thread is not None:
@@ -269,10 +311,16 @@ class UsbMicrophone(io.AudioInput):
     def __init__(self, cfg: AudioConfig, echo: EchoCanceller, *, queue_frames: int = 50) -> None:
         super().__init__(label=f"usb-in:{cfg.input}")
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[rtc.AudioFrame] = asyncio.Queue(maxsize=queue_frames)
+        self._queue: asyncio.Queue[tuple[rtc.AudioFrame, float]] = asyncio.Queue(
+            maxsize=queue_frames
+        )
         self._echo = echo
         self.device = _DeviceThread(cfg.input, "inputs", cfg.input_rate, "input", self._serve)
         self.frames = 0
+        self.attached = False  # frames reach the session only while it listens
+        self.latency_s = 0.0  # the device's input latency, as PortAudio reports it
+        # seconds from the device read to the session taking the frame, last 1000 frames
+        self.handoff_s: deque[float] = deque(maxlen=1000)
 
     def start(self) -> None:
         self.device.start()
@@ -283,23 +331,38 @@ class UsbMicrophone(io.AudioInput):
         chunker = Rechunker(rate, SESSION_RATE, block)
         pacer = Pacer(rate)
         step = rate * FRAME_MS // 1000
+        self.latency_s = float(stream.get_input_latency())
         while self.device.running:
             data = stream.read(step, exception_on_overflow=False)
+            read_at = time.monotonic()
             pcm = np.frombuffer(data, np.int16)
             pacer.advance(len(pcm))
             for piece in chunker.push(pcm, rate):
                 cleaned = self._echo.capture(piece)
                 frame = rtc.AudioFrame(cleaned.tobytes(), SESSION_RATE, 1, block)
-                self._loop.call_soon_threadsafe(self._deliver, frame)
+                self._loop.call_soon_threadsafe(self._deliver, frame, read_at)
 
-    def _deliver(self, frame: rtc.AudioFrame) -> None:
-        if self._queue.full():  # nobody is reading (detached): a live mic drops audio
+    def on_attached(self) -> None:
+        self.attached = True
+
+    def on_detached(self) -> None:
+        """The session stopped listening (closed, or its audio input disabled): drop audio."""
+        self.attached = False
+        while not self._queue.empty():
             self._queue.get_nowait()
-        self._queue.put_nowait(frame)
-        self.frames += 1
+
+    def _deliver(self, frame: rtc.AudioFrame, read_at: float) -> None:
+        self.frames += 1  # captured from the device
+        if not self.attached:
+            return  # a live microphone: what nobody listens to is lost
+        if self._queue.full():  # the reader stalled: keep the newest audio
+            self._queue.get_nowait()
+        self._queue.put_nowait((frame, read_at))
 
     async def __anext__(self) -> rtc.AudioFrame:
-        return await self._queue.get()
+        frame, read_at = await self._queue.get()
+        self.handoff_s.append(time.monotonic() - read_at)
+        return frame
 
     def close(self) -> None:
         self.device.stop()

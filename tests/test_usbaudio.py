@@ -8,7 +8,6 @@ bridge's own pacer keeps them at real time.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,6 +93,7 @@ def test_capture_is_bit_exact_at_the_session_rate(alsa_files: Path) -> None:
     async def main() -> np.ndarray:
         usb = UsbAudio(cfg)
         usb.start()
+        usb.microphone.on_attached()  # as a session does when it starts listening
         try:
             frames = []
             async for frame in usb.microphone:
@@ -138,3 +138,17 @@ def test_playback_is_bit_exact_and_reports_the_played_position(alsa_files: Path)
     played = np.fromfile(alsa_files / "speaker.raw", np.int16)
     start = int(np.argmax(played != 0))
     assert np.array_equal(played[start : start + len(tone)], tone)
+
+
+def test_devices_command_lists_the_named_pcms(alsa_files: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "appliance", "devices", "--json"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    names = {d["name"]: d for d in json.loads(out.stdout)["devices"]}
+    assert names["voice_in"]["inputs"] > 0 and names["voice_out"]["outputs"] > 0
+    assert "ALSA lib" not in out.stderr  # native probe noise is kept out of the logs
