@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import config as config_mod
+from . import logs
 from . import models as store
 from .download import DownloadError
 from .manifest import Manifest, ManifestError, ModelEntry
@@ -319,37 +320,12 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import asyncio
-    import signal
-
-    from .kiosk import serve_usb
+    from . import logs, service
 
     config = _load_config(args.config)
-    if not config.audio.enabled:
-        print(
-            f"error: {config.source}: no bridge is enabled; set [audio] enabled = true "
-            "for a USB kiosk",
-            file=sys.stderr,
-        )
-        return EX_CONFIG
-    models = _load_models(config)
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        print(
-            f"appliance: serving the USB kiosk on {config.audio.input!r} / {config.audio.output!r}",
-            file=sys.stderr,
-        )
-        await serve_usb(config, models, stop)
-
-    try:
-        asyncio.run(main())
-    finally:
-        models.close()
-    return 0
+    if not args.verbose:
+        logs.setup(service.LOG_LEVELS[config.service.log_level])
+    return service.run(config, args.config)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -462,16 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG
+    logs.setup(
+        logging.DEBUG
         if args.verbose
         else logging.INFO
         if args.command == "run"
-        else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        else logging.WARNING
     )
-    if not args.verbose:
-        logging.getLogger("faster_whisper").setLevel(logging.WARNING)  # a line per utterance
     try:
         return int(args.func(args) or 0)
     except (store.ModelError, DownloadError) as exc:

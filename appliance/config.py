@@ -1,6 +1,7 @@
 """The appliance's TOML configuration: schema, defaults and validation.
 
-One file, sections `[session]`, `[models]` and `[agent]`. `[session]` carries the options of
+One file, sections `[session]`, `[models]`, `[agent]`, `[audio]`, `[service]` and
+`[metrics]`. `[session]` carries the options of
 the AgentSession reference with the reference's names and defaults; `session.turn_handling()`
 maps them onto livekit-agents 1.8.9's grouped options. Errors name the file, the key, the bad
 value and what is allowed.
@@ -132,6 +133,22 @@ class AudioConfig(_Section):
     echo_delay_ms: int = Field(40, ge=0, le=500)
     aec_warmup: float = Field(1.0, ge=0.0, le=10.0)
     playback_padding_ms: int = Field(100, ge=0, le=2000)
+    realtime_priority: int = Field(10, ge=0, le=99)
+
+
+class ServiceConfig(_Section):
+    """How `appliance run` behaves as a service."""
+
+    drain_timeout: float = Field(20.0, ge=0.0, le=600.0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class MetricsConfig(_Section):
+    """The Prometheus endpoint (GET /metrics)."""
+
+    enabled: bool = True
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(9464, ge=1, le=65535)
 
 
 class AgentConfig(_Section):
@@ -158,6 +175,8 @@ class Config(_Section):
     models: ModelsConfig = Field(default_factory=lambda: ModelsConfig())
     agent: AgentConfig = Field(default_factory=lambda: AgentConfig())
     audio: AudioConfig = Field(default_factory=lambda: AudioConfig())
+    service: ServiceConfig = Field(default_factory=lambda: ServiceConfig())
+    metrics: MetricsConfig = Field(default_factory=lambda: MetricsConfig())
     source: str = Field(default="<defaults>", exclude=True)
 
     def models_in_use(self) -> list[str]:

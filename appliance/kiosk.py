@@ -4,19 +4,23 @@ The session hears the USB microphone (echo-cancelled) and speaks through the USB
 wrapped in livekit's TranscriptSynchronizer. When a conversation ends (the agent's
 `end_conversation` tool, or a session error) a fresh session starts on the same devices,
 after a pause that grows while sessions keep failing; the devices themselves survive being
-unplugged (see `usbaudio`).
+unplugged (see `usbaudio`). Each session reads the configuration when it starts, so a
+reloaded `[session]` or `[agent]` applies from the next conversation on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from livekit.agents import AgentSession
 from livekit.agents.voice.transcription.synchronizer import TranscriptSynchronizer
 
+from . import logs
 from .config import Config
 from .converse import TextSink
 from .modelset import ModelSet
@@ -25,6 +29,7 @@ from .usbaudio import UsbAudio
 
 logger = logging.getLogger("appliance.kiosk")
 RETRY_MAX_S = 30.0
+_numbers = itertools.count(1)
 
 
 def _log_items(session: AgentSession) -> None:
@@ -38,19 +43,20 @@ def _log_items(session: AgentSession) -> None:
 
 
 async def serve_usb(
-    config: Config,
+    config: Callable[[], Config],
     models: ModelSet,
     stop: asyncio.Event,
     *,
     usb: UsbAudio | None = None,
-    sessions: list[AgentSession] | None = None,
+    on_session: Callable[[AgentSession], object] | None = None,
 ) -> None:
-    """Run kiosk conversations on the USB devices until `stop` is set.
+    """Run kiosk conversations on the USB devices until `stop` is set, then drain.
 
-    `usb` and `sessions` let a caller (a test, the service) see the devices and sessions.
+    `config()` gives the configuration for each new session. `usb` lets a caller own the
+    devices; `on_session` sees each session before it starts (metrics, tests).
     """
     own = usb is None
-    usb = usb or UsbAudio(config.audio)
+    usb = usb or UsbAudio(config().audio)
     if own:
         usb.start()
     if not await usb.wait_connected(5.0):
@@ -59,7 +65,7 @@ async def serve_usb(
     try:
         while not stop.is_set():
             try:
-                await _one_session(config, models, stop, usb, sessions)
+                await _one_session(config(), models, stop, usb, on_session)
                 failures = 0
             except Exception:
                 failures += 1
@@ -78,9 +84,10 @@ async def _one_session(
     models: ModelSet,
     stop: asyncio.Event,
     usb: UsbAudio,
-    sessions: list[AgentSession] | None,
+    on_session: Callable[[AgentSession], object] | None,
 ) -> None:
     """One conversation, from a fresh session until it closes or the daemon stops."""
+    logs.SESSION.set(f"usb-{next(_numbers)}")  # tags every log line of this session
     aec = config.audio.echo_cancellation
     session = build_session(
         config, models, aec_warmup_duration=config.audio.aec_warmup if aec else None
@@ -92,8 +99,8 @@ async def _one_session(
     closed = asyncio.Event()
     session.on("close", lambda _: closed.set())
     _log_items(session)
-    if sessions is not None:
-        sessions.append(session)
+    if on_session is not None:
+        on_session(session)
     try:
         await session.start(ApplianceAgent(config.agent), record=False)
         logger.info("kiosk session started", extra={"stage": "session"})
@@ -103,8 +110,18 @@ async def _one_session(
         finally:
             for waiter in waiters:
                 waiter.cancel()
-        if stop.is_set():
-            end_session(session, "the daemon is stopping")
+        if stop.is_set() and not closed.is_set():
+            await drain(session, closed, config.service.drain_timeout)
     finally:
         await session.aclose()
         await sync.aclose()
+
+
+async def drain(session: AgentSession, closed: asyncio.Event, timeout: float) -> None:
+    """Let the current reply finish, then close; cut it if it takes longer than `timeout`."""
+    end_session(session, "the daemon is stopping")
+    try:
+        await asyncio.wait_for(closed.wait(), timeout)
+    except asyncio.TimeoutError:
+        logger.warning("the reply did not finish within %.0f s of stopping; cutting it", timeout)
+        session.interrupt(force=True)

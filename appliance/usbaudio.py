@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -218,9 +219,12 @@ class _DeviceThread:
         what: str,
         serve: Callable[[Any], None],
         on_lost: Callable[[], object] = lambda: None,
+        *,
+        priority: int = 0,
     ) -> None:
         self.name, self.direction, self.what = name, direction, what
         self.serve, self.on_lost = serve, on_lost
+        self.priority = priority
         self.requested_rate = rate
         self.rate = 0
         self.running = False
@@ -267,7 +271,24 @@ class _DeviceThread:
             return stream
         raise AudioDeviceError(f"{self.what} {device['name']!r}: no usable rate ({last})")
 
+    def _raise_priority(self) -> None:
+        """Run this thread SCHED_FIFO at `priority` (needs RLIMIT_RTPRIO, as the unit sets)."""
+        if self.priority <= 0:
+            return
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.priority))
+        except OSError as exc:
+            logger.info(
+                "audio %s thread: real-time priority %d not permitted (%s); normal priority",
+                self.what,
+                self.priority,
+                exc.strerror,
+            )
+        else:
+            logger.debug("audio %s thread: SCHED_FIFO priority %d", self.what, self.priority)
+
     def _run(self) -> None:
+        self._raise_priority()
         pyaudio = _pyaudio()
         while self.running:
             with _PA_LOCK:
@@ -315,7 +336,14 @@ class UsbMicrophone(io.AudioInput):
             maxsize=queue_frames
         )
         self._echo = echo
-        self.device = _DeviceThread(cfg.input, "inputs", cfg.input_rate, "input", self._serve)
+        self.device = _DeviceThread(
+            cfg.input,
+            "inputs",
+            cfg.input_rate,
+            "input",
+            self._serve,
+            priority=cfg.realtime_priority,
+        )
         self.frames = 0
         self.attached = False  # frames reach the session only while it listens
         self.latency_s = 0.0  # the device's input latency, as PortAudio reports it
@@ -402,6 +430,7 @@ class UsbSpeaker(io.AudioOutput):
             "output",
             self._serve,
             lambda: self._loop.call_soon_threadsafe(self._lost),
+            priority=cfg.realtime_priority,
         )
         self._lock = threading.Lock()
         self._queue: deque[tuple[_Segment, np.ndarray]] = deque()

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from appliance import audiosim, manifest
 from appliance import config as config_mod
-from appliance import manifest
 from appliance import models as store
 from appliance.fileaudio import resample
 
@@ -57,3 +57,17 @@ def espeak(text: str, tmp_path: Path) -> np.ndarray:
     out = tmp_path / "espeak.wav"
     subprocess.run(["espeak-ng", "-w", str(out), text], check=True)
     return read_audio(out)
+
+
+@pytest.fixture
+def room(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[audiosim.Room]:
+    """A simulated kiosk room (PulseAudio pipes) as the sound card voice_in/voice_out."""
+    if not audiosim.available():
+        pytest.skip("needs pulseaudio (installed by scripts/setup-dev.sh)")
+    r = audiosim.Room(tmp_path)
+    conf = tmp_path / "asound.conf"
+    conf.write_text(r.alsa_config())
+    monkeypatch.setenv("ALSA_CONFIG_PATH", f"/usr/share/alsa/alsa.conf:{conf}")
+    r.start_server()
+    yield r
+    r.stop_server()

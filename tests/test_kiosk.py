@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +27,6 @@ from appliance.usbaudio import UsbAudio
 RATE = 16000
 
 pytestmark = pytest.mark.skipif(not audiosim.available(), reason="needs pulseaudio")
-
-
-@pytest.fixture
-def room(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Room]:
-    r = Room(tmp_path)
-    conf = tmp_path / "asound.conf"
-    conf.write_text(r.alsa_config())
-    monkeypatch.setenv("ALSA_CONFIG_PATH", f"/usr/share/alsa/alsa.conf:{conf}")
-    r.start_server()
-    yield r
-    r.stop_server()
 
 
 def kiosk_config(**audio: Any) -> config_mod.Config:
@@ -60,7 +48,9 @@ def run_kiosk(models: Any, config: config_mod.Config, scenario: Any, timeout: fl
         usb = UsbAudio(config.audio)
         usb.start()
         sessions: list[Any] = []
-        kiosk = asyncio.create_task(serve_usb(config, models, stop, usb=usb, sessions=sessions))
+        kiosk = asyncio.create_task(
+            serve_usb(lambda: config, models, stop, usb=usb, on_session=sessions.append)
+        )
         try:
             assert await usb.wait_connected(10)
             while not sessions:

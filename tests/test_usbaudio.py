@@ -152,3 +152,27 @@ def test_devices_command_lists_the_named_pcms(alsa_files: Path) -> None:
     names = {d["name"]: d for d in json.loads(out.stdout)["devices"]}
     assert names["voice_in"]["inputs"] > 0 and names["voice_out"]["outputs"] > 0
     assert "ALSA lib" not in out.stderr  # native probe noise is kept out of the logs
+
+
+def test_device_threads_ask_for_real_time_priority(alsa_files: Path) -> None:
+    """Under the unit (LimitRTPRIO=20) the audio threads run SCHED_FIFO; else they say why."""
+    import os
+    import resource
+
+    cfg = audio_config(realtime_priority=5, echo_cancellation=False)
+    soft, _ = resource.getrlimit(resource.RLIMIT_RTPRIO)
+
+    async def main() -> list[int]:
+        usb = UsbAudio(cfg)
+        usb.start()
+        try:
+            assert await usb.wait_connected(5)
+            ids = [usb.microphone.device.native_id, usb.speaker.device.native_id]
+            return [os.sched_getscheduler(i) for i in ids if i is not None]
+        finally:
+            usb.close()
+
+    policies = asyncio.run(main())
+    allowed = os.geteuid() == 0 or soft == resource.RLIM_INFINITY or soft >= 5
+    expected = os.SCHED_FIFO if allowed else os.SCHED_OTHER
+    assert policies == [expected, expected]

@@ -1,0 +1,271 @@
+"""`appliance run`: the daemon under systemd (Type=notify), or by hand.
+
+Start-up: the models are verified, loaded and warmed off the event loop, the metrics
+endpoint is bound, the bridges start, and only then READY=1 goes to systemd. While running,
+STATUS says what the daemon is doing and the event loop itself sends WATCHDOG=1 at half of
+WATCHDOG_USEC: a stalled loop stops the pings and systemd restarts the service. A bridge
+that dies stops the daemon with exit status 1 (restarted by the unit).
+
+SIGTERM/SIGINT: STOPPING=1, no new conversations, every session drains (its reply
+finishes, at most `[service] drain_timeout` seconds), exit 0. SIGHUP: the config file is
+read again; `[session]`, `[agent]` and `[service]` apply from the next conversation on,
+changes to `[models]`, `[audio]` or `[metrics]` are logged as needing a restart, and a bad
+file keeps the running configuration. Configuration and model errors exit with 78
+(EX_CONFIG), which the unit does not restart on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import TYPE_CHECKING
+
+from . import config as config_mod
+from . import models as store
+from .metrics import Metrics
+from .systemd import Notifier
+
+if TYPE_CHECKING:
+    from aiohttp import web
+    from livekit.agents import AgentSession
+
+    from .modelset import ModelSet
+
+logger = logging.getLogger("appliance.service")
+
+EX_CONFIG = 78
+LAG_TICK_S = 0.5  # how often the loop measures its own lag
+RELOADABLE = ("session", "agent", "service")
+NEEDS_RESTART = ("models", "audio", "metrics")
+LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+class Service:
+    """The running appliance: models, bridges, metrics, and the systemd conversation."""
+
+    def __init__(
+        self,
+        config: config_mod.Config,
+        config_path: str | None,
+        *,
+        notifier: Notifier | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.metrics = metrics or Metrics()
+        self.sessions: set[AgentSession] = set()
+        self.bridges: dict[str, asyncio.Task[None]] = {}
+        self.stopping = False
+        self.exit_status = 0
+        self._stop: asyncio.Event | None = None
+        self._state = "starting"
+
+    # -- status --
+
+    def status(self) -> str:
+        if self._state != "ready":
+            return self._state
+        names = ", ".join(self.bridges) or "no bridge"
+        n = len(self.sessions)
+        return f"ready: {names}; {n} session{'s' if n != 1 else ''} active"
+
+    def _set_state(self, state: str) -> None:
+        self._state = state
+        self.notifier.status(self.status())
+
+    def _session_started(self, session: AgentSession, bridge: str) -> None:
+        self.metrics.observe(session, bridge)
+        self.sessions.add(session)
+        session.on("close", lambda _: self._session_closed(session))
+        self.notifier.status(self.status())
+
+    def _session_closed(self, session: AgentSession) -> None:
+        self.sessions.discard(session)
+        if not self.stopping:
+            self.notifier.status(self.status())
+
+    # -- life cycle --
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit status."""
+        if not self.config.audio.enabled:
+            logger.error(
+                "%s: no bridge is enabled; set [audio] enabled = true for a USB kiosk",
+                self.config.source,
+            )
+            return EX_CONFIG
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        watchdog = asyncio.create_task(self._watchdog(), name="watchdog")
+        log_errors = self.metrics.log_handler()
+        logging.getLogger().addHandler(log_errors)
+        models: ModelSet | None = None
+        runner: web.AppRunner | None = None
+        try:
+            self._set_state("verifying and loading models")
+            try:
+                models = await asyncio.to_thread(_load_models, self.config)
+            except store.ModelError as exc:
+                logger.error("%s", exc)
+                return EX_CONFIG
+            self.metrics.models_loaded(models.times)
+            if self.config.metrics.enabled:
+                m = self.config.metrics
+                try:
+                    runner = await self.metrics.serve(m.host, m.port)
+                except OSError as exc:
+                    logger.error("metrics: cannot listen on %s:%d: %s", m.host, m.port, exc)
+                    return 1
+                logger.info("metrics on http://%s:%d/metrics", m.host, m.port)
+            self._start_bridges(models)
+            self._state = "ready"
+            self.metrics.ready.set(1)
+            self.notifier.ready(self.status())
+            logger.info("%s", self.status(), extra={"stage": "ready"})
+            await self._stop.wait()
+            await self._drain()
+            return self.exit_status
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            watchdog.cancel()
+            logging.getLogger().removeHandler(log_errors)
+            if runner is not None:
+                await runner.cleanup()
+            if models is not None:
+                models.close()
+
+    def _start_bridges(self, models: ModelSet) -> None:
+        from .kiosk import serve_usb
+
+        assert self._stop is not None
+        if self.config.audio.enabled:
+            a = self.config.audio
+            logger.info("USB kiosk on %r / %r", a.input, a.output)
+            self.bridges["usb kiosk"] = asyncio.create_task(
+                serve_usb(
+                    lambda: self.config,
+                    models,
+                    self._stop,
+                    on_session=lambda s: self._session_started(s, "usb"),
+                ),
+                name="usb kiosk",
+            )
+        for task in self.bridges.values():
+            task.add_done_callback(self._bridge_ended)
+
+    def _bridge_ended(self, task: asyncio.Task[None]) -> None:
+        """A bridge that ends while the daemon is not stopping is a failure: exit 1."""
+        if self.stopping:
+            return
+        error = None if task.cancelled() else task.exception()
+        logger.error("bridge %s stopped unexpectedly", task.get_name(), exc_info=error)
+        self.exit_status = 1
+        self.request_stop(f"bridge {task.get_name()} failed")
+
+    def request_stop(self, why: str = "stop requested") -> None:
+        if self._stop is None or self._stop.is_set():
+            return
+        logger.info("%s: stopping; letting %d session(s) finish", why, len(self.sessions))
+        self.stopping = True
+        self.notifier.stopping(f"stopping: draining {len(self.sessions)} session(s)")
+        self._stop.set()
+
+    async def _drain(self) -> None:
+        """Wait for the bridges to end their sessions (each bounded by drain_timeout)."""
+        grace = self.config.service.drain_timeout + 5.0
+        tasks = list(self.bridges.values())
+        if not tasks:
+            return
+        done, pending = await asyncio.wait(tasks, timeout=grace)
+        for task in pending:
+            logger.warning(
+                "bridge %s did not stop in %.0f s; cancelling it", task.get_name(), grace
+            )
+            task.cancel()
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                logger.error("bridge %s failed", task.get_name(), exc_info=task.exception())
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    # -- SIGHUP --
+
+    async def reload(self) -> None:
+        """Re-read the config file; apply what can change without dropping conversations."""
+        self.notifier.reloading("reloading configuration")
+        try:
+            if self.config_path is None:
+                logger.warning("reload: running on the embedded defaults; nothing to reload")
+                return
+            try:
+                new = config_mod.load(self.config_path)
+            except config_mod.ConfigError as exc:
+                logger.error("reload failed, the running configuration stays: %s", exc)
+                return
+            changed = [
+                s
+                for s in (*RELOADABLE, *NEEDS_RESTART)
+                if getattr(new, s) != getattr(self.config, s)
+            ]
+            apply = [s for s in changed if s in RELOADABLE]
+            restart = [s for s in changed if s in NEEDS_RESTART]
+            self.config = self.config.model_copy(update={s: getattr(new, s) for s in apply})
+            if "service" in apply:
+                logging.getLogger().setLevel(LOG_LEVELS[new.service.log_level])
+            if apply:
+                logger.info(
+                    "reloaded %s: applies from the next conversation",
+                    ", ".join(f"[{s}]" for s in apply),
+                )
+            if restart:
+                logger.warning(
+                    "%s changed: needs a restart to apply (systemctl restart appliance)",
+                    ", ".join(f"[{s}]" for s in restart),
+                )
+            if not changed:
+                logger.info("reload: no change")
+        finally:
+            self.notifier.ready(self.status())
+
+    # -- watchdog --
+
+    async def _watchdog(self) -> None:
+        """Ping systemd from the loop itself (a blocked loop stops the pings); record lag."""
+        loop = asyncio.get_running_loop()
+        interval = self.notifier.watchdog_interval
+        tick = min(interval, LAG_TICK_S) if interval else LAG_TICK_S
+        next_ping = 0.0
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(tick)
+            self.metrics.loop_lag.observe(max(0.0, loop.time() - t0 - tick))
+            if not interval or loop.time() < next_ping:
+                continue
+            self.notifier.watchdog()
+            next_ping = loop.time() + interval
+
+
+def _load_models(config: config_mod.Config) -> ModelSet:
+    from .modelset import ModelSet
+
+    models = ModelSet(config)
+    models.warm()
+    return models
+
+
+def run(config: config_mod.Config, config_path: str | None) -> int:
+    """`appliance run`: serve until stopped; the exit status."""
+    return asyncio.run(Service(config, config_path).run())
