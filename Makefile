@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 .PHONY: install demo test lint bench bench-audio clean
 
 install:
-	bash scripts/install.sh
+	bash scripts/setup-dev.sh
 
 demo: install
 	$(BIN)/appliance converse --out reply.wav --transcript conversation.json

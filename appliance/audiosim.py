@@ -1,4 +1,9 @@
-"""A simulated kiosk room on a private PulseAudio server, for tests and benchmarks.
+"""Sound cards that are not there, for tests and benchmarks.
+
+`file_pcms`: ALSA's `file` plugin over a `null` slave as named PCMs (capture reads a raw
+file, playback writes one): bit-exact, no daemon, not paced in real time.
+
+`Room`: a simulated kiosk room on a private PulseAudio server.
 
 `pulseaudio` runs with `module-pipe-sink` (the speaker, clocked by the system clock) and
 `module-pipe-source` (the microphone). The bridge reaches them through ALSA's pulse plugin
@@ -156,3 +161,33 @@ class Room:
         finally:
             os.close(spk)
             os.close(mic)
+
+
+def file_pcms(
+    root: Path, capture: str = "voice_in", playback: str = "voice_out", before: str = ""
+) -> str:
+    """An ALSA config whose capture/playback PCMs are files in `root`; ALSA_CONFIG_PATH.
+
+    Capture reads `root/mic.raw` (s16le; write it first), playback writes
+    `root/speaker.raw`. `before` is a config file loaded first (the production
+    asound.conf): the file PCMs then override its PCMs of the same names (`pcm.!name`).
+    """
+    conf = root / "asound-test.conf"
+    conf.write_text(
+        f"""
+pcm.!{capture} {{
+  type file
+  slave.pcm {{ type null }}
+  file "/dev/null"
+  infile "{root / "mic.raw"}"
+  format "raw"
+}}
+pcm.!{playback} {{
+  type file
+  slave.pcm {{ type null }}
+  file "{root / "speaker.raw"}"
+  format "raw"
+}}
+"""
+    )
+    return ":".join(p for p in ("/usr/share/alsa/alsa.conf", before, str(conf)) if p)

@@ -328,6 +328,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return service.run(config, args.config)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import report, run_checks
+
+    config = _load_config(args.config)
+    checks = run_checks(config, store.models_dir(config.models.dir))
+    print(report(checks, args.json))
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -421,6 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("devices", help="list audio input and output devices")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("doctor", help="check the installation and say how to fix problems")
+    p.add_argument("--config", default=None, help="config file (default: embedded)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("bench", help="voice-to-voice latency benchmark")
     p.add_argument("--json", dest="json_out", default="bench/results.json")

@@ -16,38 +16,10 @@ import pytest
 from livekit import rtc
 
 from appliance import config as config_mod
+from appliance.audiosim import file_pcms
 from appliance.usbaudio import UsbAudio, find_device, list_devices
 
 FIRMWARE_ALSA = Path(__file__).parent.parent / "firmware" / "alsa" / "asound.conf"
-
-
-def file_pcms(
-    tmp_path: Path, capture: str = "voice_in", playback: str = "voice_out", before: str = ""
-) -> str:
-    """An ALSA config whose capture/playback PCMs are files; returns ALSA_CONFIG_PATH.
-
-    `before` is a config file loaded first (the production asound.conf): the file PCMs
-    then override its PCMs of the same names (`pcm.!name`).
-    """
-    conf = tmp_path / "asound-test.conf"
-    conf.write_text(
-        f"""
-pcm.!{capture} {{
-  type file
-  slave.pcm {{ type null }}
-  file "/dev/null"
-  infile "{tmp_path / "mic.raw"}"
-  format "raw"
-}}
-pcm.!{playback} {{
-  type file
-  slave.pcm {{ type null }}
-  file "{tmp_path / "speaker.raw"}"
-  format "raw"
-}}
-"""
-    )
-    return ":".join(p for p in ("/usr/share/alsa/alsa.conf", before, str(conf)) if p)
 
 
 @pytest.fixture(params=["plain", "production"])

