@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench bench-audio clean
+.PHONY: install demo test lint bench bench-audio bench-ptt clean
 
 install:
 	bash scripts/setup-dev.sh
@@ -23,6 +23,9 @@ bench: install
 
 bench-audio: install
 	$(BIN)/appliance bench-audio --json bench/usbaudio.json
+
+bench-ptt: install
+	$(BIN)/appliance bench-ptt --json bench/ptt.json
 
 clean:
 	rm -rf $(VENV) reply.wav conversation.json .pytest_cache .mypy_cache .ruff_cache

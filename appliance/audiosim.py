@@ -17,11 +17,14 @@ Not used by the daemon; needs the `pulseaudio` program (Debian package `pulseaud
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +164,28 @@ class Room:
         finally:
             os.close(spk)
             os.close(mic)
+
+
+@contextlib.contextmanager
+def simulated_room(root: Path | None = None) -> Iterator[Room]:
+    """A started Room as ALSA's voice_in/voice_out (`ALSA_CONFIG_PATH`, restored after)."""
+    with contextlib.ExitStack() as stack:
+        if root is None:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="room-")))
+        room = Room(root)
+        conf = root / "asound.conf"
+        conf.write_text(room.alsa_config())
+        before = os.environ.get("ALSA_CONFIG_PATH")
+        os.environ["ALSA_CONFIG_PATH"] = f"/usr/share/alsa/alsa.conf:{conf}"
+        room.start_server()
+        try:
+            yield room
+        finally:
+            room.stop_server()
+            if before is None:
+                os.environ.pop("ALSA_CONFIG_PATH", None)
+            else:
+                os.environ["ALSA_CONFIG_PATH"] = before
 
 
 def file_pcms(

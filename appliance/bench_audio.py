@@ -20,11 +20,9 @@ import argparse
 import asyncio
 import datetime
 import json
-import os
 import shlex
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -315,7 +313,7 @@ async def _room_figures(room: Any, far: np.ndarray, word: np.ndarray) -> dict[st
                 loud = [t for t, pcm in frames[n:] if np.abs(pcm).max() > LOUD]
                 if loud:
                     mic_ms.append((loud[0] - said) * 1000)
-            row["mic_to_session_ms"] = _percentiles(mic_ms)
+            row["mic_to_session_ms"] = percentiles(mic_ms)
             # speaker: a reply's first frame sent -> its first loud sample leaving the sink
             spk_ms = []
             for _ in range(REPEATS):
@@ -327,7 +325,7 @@ async def _room_figures(room: Any, far: np.ndarray, word: np.ndarray) -> dict[st
                 at = room.time_of_sample(start + int(loud_at[0])) if len(loud_at) else None
                 if at is not None:
                     spk_ms.append((at - sent) * 1000)
-            row["session_to_speaker_ms"] = _percentiles(spk_ms)
+            row["session_to_speaker_ms"] = percentiles(spk_ms)
             row["portaudio_input_latency_ms"] = round(usb.microphone.latency_s * 1000, 1)
             row["portaudio_output_latency_ms"] = round(usb.speaker.latency_s * 1000, 1)
             # echo: the speaker's reply heard back at -6 dB, before and after the bridge
@@ -348,7 +346,8 @@ async def _room_figures(room: Any, far: np.ndarray, word: np.ndarray) -> dict[st
     return figures
 
 
-def _percentiles(values: list[float]) -> dict[str, float | int | None]:
+def percentiles(values: list[float]) -> dict[str, float | int | None]:
+    """n, p50 and p95 (numpy linear) of `values`, rounded to 0.1."""
     if not values:
         return {"n": 0, "p50": None, "p95": None}
     return {
@@ -370,21 +369,8 @@ def room_figures(far: np.ndarray) -> dict[str, Any]:
     if not audiosim.available():
         return {"skipped": "pulseaudio is not installed"}
     word = far[int(0.5 * RATE) : int(1.1 * RATE)]  # the start of the first sentence
-    with tempfile.TemporaryDirectory(prefix="bench-audio-") as tmp:
-        room = audiosim.Room(Path(tmp))
-        conf = Path(tmp) / "asound.conf"
-        conf.write_text(room.alsa_config())
-        before = os.environ.get("ALSA_CONFIG_PATH")
-        os.environ["ALSA_CONFIG_PATH"] = f"/usr/share/alsa/alsa.conf:{conf}"
-        room.start_server()
-        try:
-            return asyncio.run(_room_figures(room, far, word))
-        finally:
-            room.stop_server()
-            if before is None:
-                os.environ.pop("ALSA_CONFIG_PATH", None)
-            else:
-                os.environ["ALSA_CONFIG_PATH"] = before
+    with audiosim.simulated_room() as room:
+        return asyncio.run(_room_figures(room, far, word))
 
 
 def run_bench_audio(args: argparse.Namespace, config: Config) -> int:

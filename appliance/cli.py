@@ -72,7 +72,13 @@ def cmd_converse(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _load_config(args.file)
-    print(f"{args.file}: ok (turn_detection={config.session.turn_detection!r})")
+    print(f"{args.file}: ok (turn_detection={config.turn_detection!r})")
+    if config.ptt.enabled and config.session.turn_detection != "manual":
+        print(
+            f"note: [ptt] backend = {config.ptt.backend!r} makes turns manual (the button "
+            f"ends each turn); [session] turn_detection = "
+            f"{config.session.turn_detection!r} is not used"
+        )
     return 0
 
 
@@ -349,6 +355,12 @@ def cmd_bench_audio(args: argparse.Namespace) -> int:
     return run_bench_audio(args, _load_config(args.config))
 
 
+def cmd_bench_ptt(args: argparse.Namespace) -> int:
+    from .bench_ptt import run_bench_ptt
+
+    return run_bench_ptt(args, _load_config(args.config))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -447,6 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", default="bench/usbaudio.json")
     p.add_argument("--config", default=None)
     p.set_defaults(func=cmd_bench_audio)
+
+    p = sub.add_parser("bench-ptt", help="push-to-talk release to first agent audio")
+    p.add_argument("--json", dest="json_out", default="bench/ptt.json")
+    p.add_argument("--config", default=None)
+    p.add_argument("--utterances", type=int, default=10)
+    p.set_defaults(func=cmd_bench_ptt)
     return parser
 
 

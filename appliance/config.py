@@ -1,7 +1,7 @@
 """The appliance's TOML configuration: schema, defaults and validation.
 
-One file, sections `[session]`, `[models]`, `[agent]`, `[audio]`, `[service]` and
-`[metrics]`. `[session]` carries the options of
+One file, sections `[session]`, `[models]`, `[agent]`, `[audio]`, `[ptt]`, `[service]`
+and `[metrics]`. `[session]` carries the options of
 the AgentSession reference with the reference's names and defaults; `session.turn_handling()`
 maps them onto livekit-agents 1.8.9's grouped options. Errors name the file, the key, the bad
 value and what is allowed.
@@ -136,6 +136,32 @@ class AudioConfig(_Section):
     realtime_priority: int = Field(10, ge=0, le=99)
 
 
+class PttConfig(_Section):
+    """A push-to-talk button (and status LED) driving the session's manual turn mode."""
+
+    backend: Literal["none", "gpiozero", "gpiod", "evdev"] = "none"
+    pin: int = Field(17, ge=0, le=63)
+    chip: str = Field("gpiochip0", min_length=1)
+    line: int = Field(17, ge=0, le=1023)
+    device: str = Field("appliance-ptt", min_length=1)
+    key: str = Field("KEY_F13", min_length=1)
+    active_low: bool = True
+    pull: Literal["up", "down", "none"] = "up"
+    debounce_ms: int = Field(20, ge=0, le=1000)
+    min_press_ms: int = Field(250, ge=0, le=5000)
+    max_hold_s: float = Field(30.0, ge=1.0, le=600.0)
+    cancel_window_ms: int = Field(400, ge=0, le=2000)
+    led_backend: Literal["none", "gpiozero", "gpiod", "sysfs"] = "none"
+    led_pin: int = Field(27, ge=0, le=63)
+    led_chip: str = Field("gpiochip0", min_length=1)
+    led_line: int = Field(27, ge=0, le=1023)
+    led_name: str = Field("appliance", min_length=1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.backend != "none"
+
+
 class ServiceConfig(_Section):
     """How `appliance run` behaves as a service."""
 
@@ -175,15 +201,21 @@ class Config(_Section):
     models: ModelsConfig = Field(default_factory=lambda: ModelsConfig())
     agent: AgentConfig = Field(default_factory=lambda: AgentConfig())
     audio: AudioConfig = Field(default_factory=lambda: AudioConfig())
+    ptt: PttConfig = Field(default_factory=lambda: PttConfig())
     service: ServiceConfig = Field(default_factory=lambda: ServiceConfig())
     metrics: MetricsConfig = Field(default_factory=lambda: MetricsConfig())
     source: str = Field(default="<defaults>", exclude=True)
+
+    @property
+    def turn_detection(self) -> Literal["model", "vad", "stt", "manual"]:
+        """The turn detection in effect: a push-to-talk button makes it "manual"."""
+        return "manual" if self.ptt.enabled else self.session.turn_detection
 
     def models_in_use(self) -> list[str]:
         """Manifest ids of the models this configuration loads."""
         m = self.models
         in_use = [m.stt, m.llm, m.tts, m.vad]
-        if self.session.turn_detection == "model":
+        if self.turn_detection == "model":
             in_use.append(m.turn_model)
         return in_use
 
@@ -218,6 +250,11 @@ def parse(data: dict[str, Any], source: str) -> Config:
             f"{source}: invalid configuration:\n  [session] max_endpointing_delay = "
             f"{config.session.max_endpointing_delay!r}: must be >= min_endpointing_delay "
             f"({config.session.min_endpointing_delay!r})"
+        )
+    if config.ptt.enabled and not config.audio.enabled:
+        raise ConfigError(
+            f"{source}: invalid configuration:\n  [ptt] backend = {config.ptt.backend!r}: "
+            "a push-to-talk button needs the USB microphone: set [audio] enabled = true"
         )
     tool = config.agent.tool_choice
     if tool in BUILTIN_TOOLS and tool not in config.agent.tools:

@@ -150,7 +150,7 @@ async def converse(
         users_before = len(session.history.items)
         mic.start()
         await asyncio.wait_for(mic.finished.wait(), timeout)
-        if config.session.turn_detection == "manual":
+        if config.turn_detection == "manual":
             await session.commit_user_turn(transcript_timeout=10.0)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

@@ -24,6 +24,7 @@ from . import logs
 from .config import Config
 from .converse import TextSink
 from .modelset import ModelSet
+from .ptt import PushToTalk
 from .session import ApplianceAgent, build_session, end_session
 from .usbaudio import UsbAudio
 
@@ -49,11 +50,13 @@ async def serve_usb(
     *,
     usb: UsbAudio | None = None,
     on_session: Callable[[AgentSession], object] | None = None,
+    ptt: PushToTalk | None = None,
 ) -> None:
     """Run kiosk conversations on the USB devices until `stop` is set, then drain.
 
     `config()` gives the configuration for each new session. `usb` lets a caller own the
-    devices; `on_session` sees each session before it starts (metrics, tests).
+    devices; `on_session` sees each session before it starts (metrics, tests); `ptt`, a
+    push-to-talk button, then drives each session's turns.
     """
     own = usb is None
     usb = usb or UsbAudio(config().audio)
@@ -65,7 +68,7 @@ async def serve_usb(
     try:
         while not stop.is_set():
             try:
-                await _one_session(config(), models, stop, usb, on_session)
+                await _one_session(config(), models, stop, usb, on_session, ptt)
                 failures = 0
             except Exception:
                 failures += 1
@@ -85,6 +88,7 @@ async def _one_session(
     stop: asyncio.Event,
     usb: UsbAudio,
     on_session: Callable[[AgentSession], object] | None,
+    ptt: PushToTalk | None = None,
 ) -> None:
     """One conversation, from a fresh session until it closes or the daemon stops."""
     logs.SESSION.set(f"usb-{next(_numbers)}")  # tags every log line of this session
@@ -101,8 +105,11 @@ async def _one_session(
     _log_items(session)
     if on_session is not None:
         on_session(session)
+    if ptt is not None:
+        ptt.attach(session)  # the microphone opens only while the button is held
+    agent = ApplianceAgent(config.agent, turn_gate=ptt.should_reply if ptt else None)
     try:
-        await session.start(ApplianceAgent(config.agent), record=False)
+        await session.start(agent, record=False)
         logger.info("kiosk session started", extra={"stage": "session"})
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(closed.wait())]
         try:

@@ -32,13 +32,14 @@ if TYPE_CHECKING:
     from livekit.agents import AgentSession
 
     from .modelset import ModelSet
+    from .ptt import PushToTalk, StatusLed
 
 logger = logging.getLogger("appliance.service")
 
 EX_CONFIG = 78
 LAG_TICK_S = 0.5  # how often the loop measures its own lag
 RELOADABLE = ("session", "agent", "service")
-NEEDS_RESTART = ("models", "audio", "metrics")
+NEEDS_RESTART = ("models", "audio", "ptt", "metrics")
 LOG_LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -68,6 +69,7 @@ class Service:
         self.exit_status = 0
         self._stop: asyncio.Event | None = None
         self._state = "starting"
+        self._led: StatusLed | None = None
 
     # -- status --
 
@@ -141,6 +143,8 @@ class Service:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             watchdog.cancel()
+            if self._led is not None:
+                self._led.close()
             logging.getLogger().removeHandler(log_errors)
             if runner is not None:
                 await runner.cleanup()
@@ -151,6 +155,7 @@ class Service:
         from .kiosk import serve_usb
 
         assert self._stop is not None
+        ptt = self._push_to_talk()
         if self.config.audio.enabled:
             a = self.config.audio
             logger.info("USB kiosk on %r / %r", a.input, a.output)
@@ -160,11 +165,39 @@ class Service:
                     models,
                     self._stop,
                     on_session=lambda s: self._session_started(s, "usb"),
+                    ptt=ptt,
                 ),
                 name="usb kiosk",
             )
         for task in self.bridges.values():
             task.add_done_callback(self._bridge_ended)
+
+    def _push_to_talk(self) -> PushToTalk | None:
+        """The button's task (a bridge) and its session side, when [ptt] is configured."""
+        from .ptt import ButtonError, PushToTalk, make_led, serve_button
+
+        cfg = self.config.ptt
+        if not cfg.enabled:
+            return None
+        assert self._stop is not None
+        if self.config.session.turn_detection != "manual":
+            logger.warning(
+                "[ptt] backend = %r: the button ends each turn; [session] turn_detection = %r "
+                "is not used",
+                cfg.backend,
+                self.config.session.turn_detection,
+            )
+        try:
+            led = make_led(cfg)
+        except (ButtonError, OSError) as exc:
+            logger.error("status LED unavailable: %s; running without it", exc)
+            led = None
+        self._led = led
+        ptt = PushToTalk(cfg, led)
+        self.bridges["push-to-talk"] = asyncio.create_task(
+            serve_button(cfg, ptt, self._stop), name="push-to-talk"
+        )
+        return ptt
 
     def _bridge_ended(self, task: asyncio.Task[None]) -> None:
         """A bridge that ends while the daemon is not stopping is a failure: exit 1."""

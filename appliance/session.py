@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
-from livekit.agents import Agent, AgentSession, RunContext, function_tool, llm
+from livekit.agents import Agent, AgentSession, RunContext, StopResponse, function_tool, llm
 from livekit.agents.voice.turn import TurnHandlingOptions
 
 from .config import AgentConfig, Config, SessionConfig
 from .modelset import ModelSet
 
 logger = logging.getLogger("appliance.session")
+TurnMode = Literal["model", "vad", "stt", "manual"]
 
 
 async def _current_time() -> str:
@@ -51,22 +52,45 @@ def tool_choice(agent: AgentConfig) -> llm.ToolChoice | None:
 
 
 class ApplianceAgent(Agent):
-    """The configured agent: instructions, built-in tools, and the greeting on entry."""
+    """The configured agent: instructions, built-in tools, and the greeting on entry.
 
-    def __init__(self, config: AgentConfig, *, instructions: str | None = None) -> None:
+    `turn_gate`, when given, is asked for each completed user turn; False drops the turn
+    (no reply, not added to the conversation): a push-to-talk cancel.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        instructions: str | None = None,
+        turn_gate: Callable[[], bool] | None = None,
+    ) -> None:
         super().__init__(
             instructions=instructions or config.instructions, tools=build_tools(config.tools)
         )
         self.greeting = config.greeting
+        self.turn_gate = turn_gate
 
     async def on_enter(self) -> None:
         if self.greeting:
             self.session.say(self.greeting, allow_interruptions=True)
 
+    async def on_user_turn_completed(
+        self, turn_ctx: llm.ChatContext, new_message: llm.ChatMessage
+    ) -> None:
+        if self.turn_gate is not None and not self.turn_gate():
+            logger.info("user turn dropped: %r", new_message.text_content)
+            raise StopResponse()
 
-def turn_handling(session: SessionConfig, detector: Any | None) -> TurnHandlingOptions:
-    """The reference's flat options as 1.8.9's grouped turn_handling."""
-    mode = session.turn_detection
+
+def turn_handling(
+    session: SessionConfig, detector: Any | None, mode: TurnMode | None = None
+) -> TurnHandlingOptions:
+    """The reference's flat options as 1.8.9's grouped turn_handling.
+
+    `mode` overrides `session.turn_detection` (a push-to-talk button makes it "manual").
+    """
+    mode = mode or session.turn_detection
     return {
         "turn_detection": detector if mode == "model" else mode,
         "endpointing": {
@@ -88,13 +112,14 @@ def build_session(
 ) -> AgentSession:
     """A new AgentSession over the shared models. Call inside the running event loop."""
     cfg = config.session
-    detector = models.turn_detector() if cfg.turn_detection == "model" else None
+    mode = config.turn_detection
+    detector = models.turn_detector() if mode == "model" else None
     return AgentSession(
-        stt=models.stt(segment_with_vad=cfg.turn_detection != "manual"),
+        stt=models.stt(segment_with_vad=mode != "manual"),
         vad=models.vad(),
         llm=models.llm(tool_choice(config.agent)),
         tts=models.tts(),
-        turn_handling=turn_handling(cfg, detector),
+        turn_handling=turn_handling(cfg, detector, mode),
         userdata=dict(cfg.userdata),
         aec_warmup_duration=aec_warmup_duration,
         user_away_timeout=cfg.user_away_timeout,

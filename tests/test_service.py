@@ -380,3 +380,23 @@ def test_a_bad_unit_key_is_caught(tmp_path: Path) -> None:
         ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True
     )
     assert verify.returncode == 0 and "Unknown key 'WatchdogSecs'" in verify.stderr
+
+
+def test_a_missing_button_is_reported_and_the_kiosk_keeps_serving(
+    room: Room, notify: NotifySocket, tmp_path: Path
+) -> None:
+    toml = kiosk_toml(free_port()) + '\n[ptt]\nbackend = "gpiod"\nchip = "no-such-chip"\n'
+    toml += 'led_backend = "sysfs"\nled_name = "no-such-led"\n'
+    daemon = Daemon(tmp_path, toml, {"NOTIFY_SOCKET": str(notify.path)})
+    try:
+        notify.wait_for("READY", "1")
+        daemon.wait_log("kiosk session started")
+        time.sleep(4.5)  # two more retries of the button
+        text = daemon.text()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.proc.wait(30) == 0, daemon.text()
+    finally:
+        daemon.stop()
+    assert text.count("push-to-talk button unavailable: GPIO chip 'no-such-chip' not found") == 1
+    assert "status LED unavailable: LED 'no-such-led'" in text
+    assert "the button ends each turn; [session] turn_detection = 'vad' is not used" in text

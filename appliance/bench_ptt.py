@@ -1,0 +1,176 @@
+"""`appliance bench-ptt`: push-to-talk release to first agent audio, in the simulated room.
+
+The kiosk runs as `appliance run` would (USB bridge through PortAudio into the simulated
+PulseAudio room, real models, manual turns from `PushToTalk`). For each question the
+button is pressed, the question (Piper voice) is spoken into the room's microphone, and
+the button is released 0.1 s after the speech ends, as a user would. The figure is the time
+from the release to the first loud sample of the reply leaving the simulated speaker, so
+it includes the simulated card's output buffering (`bench-audio`: about 40 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .bench import QUESTIONS, machine_info, stage_seconds
+from .bench_audio import LOUD, RATE, percentiles
+from .config import Config
+
+if TYPE_CHECKING:
+    from .audiosim import Room
+    from .modelset import ModelSet
+
+RELEASE_AFTER_S = 0.1  # users let go a little after their last word
+TIMEOUT_S = 30.0
+
+
+async def _ask(room: Room, ptt: Any, session: Any, pcm: np.ndarray) -> dict[str, Any]:
+    """One push-to-talk turn; the release-to-first-audio latency and livekit's stages."""
+    items_before = len(session.history.items)
+    ptt.debouncer.edge(True, time.monotonic())
+    await asyncio.sleep(0.2)
+    room.say(pcm)
+    speech_end = np.flatnonzero(np.abs(pcm.astype(np.int32)) > LOUD)[-1] / RATE
+    await asyncio.sleep(speech_end + RELEASE_AFTER_S)
+    start = len(room.played) // 2
+    released = time.monotonic()
+    ptt.debouncer.edge(False, released)
+    first: float | None = None
+    deadline = released + TIMEOUT_S
+    while time.monotonic() < deadline:
+        played = room.played_pcm(start)
+        loud = np.flatnonzero(np.abs(played.astype(np.int32)) > LOUD)
+        if first is None and len(loud):
+            first = room.time_of_sample(start + int(loud[0]))
+        if first is not None and session.agent_state == "listening":
+            break
+        await asyncio.sleep(0.05)
+    new = session.history.items[items_before:]
+    metrics = [
+        {"role": i.role, **dict(i.metrics)}
+        for i in new
+        if getattr(i, "role", None) in ("user", "assistant") and getattr(i, "metrics", None)
+    ]
+    heard = [i.text_content for i in new if getattr(i, "role", None) == "user"]
+    reply = [i.text_content for i in new if getattr(i, "role", None) == "assistant"]
+    stages = {
+        k: (round(v * 1000, 1) if v is not None else None)
+        for k, v in stage_seconds(metrics).items()
+    }
+    return {
+        "release_to_audio_ms": round((first - released) * 1000, 1) if first else None,
+        "heard": heard[0] if heard else "",
+        "reply": reply[0] if reply else "",
+        "stages_ms": stages,
+    }
+
+
+async def _bench(
+    models: ModelSet, config: Config, questions: list[np.ndarray], room: Room
+) -> list[dict[str, Any]]:
+    from .kiosk import serve_usb
+    from .ptt import PushToTalk
+    from .usbaudio import UsbAudio
+
+    stop = asyncio.Event()
+    usb = UsbAudio(config.audio)
+    usb.start()
+    ptt = PushToTalk(config.ptt)
+    sessions: list[Any] = []
+    kiosk = asyncio.create_task(
+        serve_usb(lambda: config, models, stop, usb=usb, on_session=sessions.append, ptt=ptt)
+    )
+    runs = []
+    try:
+        if not await usb.wait_connected(10):
+            raise RuntimeError("the simulated room's devices did not open")
+        while not sessions:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
+        for n, pcm in enumerate(questions):
+            run = await _ask(room, ptt, sessions[-1], pcm)
+            run["question"] = QUESTIONS[n % len(QUESTIONS)]
+            runs.append(run)
+            print(f"  {run['question']!r}: {run['release_to_audio_ms']} ms", file=sys.stderr)
+            await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await asyncio.wait_for(kiosk, 30)
+        usb.close()
+    return runs
+
+
+def run_bench_ptt(args: argparse.Namespace, config: Config) -> int:
+    """Measure, write `args.json_out`, print a summary."""
+    from .audiosim import available, simulated_room
+    from .fileaudio import resample
+    from .modelset import ModelSet
+
+    if not available():
+        print("error: bench-ptt needs pulseaudio (apt-get install pulseaudio)", file=sys.stderr)
+        return 1
+    config = config.model_copy(
+        update={
+            "audio": config.audio.model_copy(update={"enabled": True}),
+            "ptt": config.ptt.model_copy(update={"backend": "evdev"}),  # driven directly
+        }
+    )
+    started = datetime.datetime.now(datetime.timezone.utc)
+    models = ModelSet(config)
+    models.warm()
+    voice = models.voice
+    lead = np.zeros(int(0.3 * RATE), np.int16)
+    questions = [
+        np.concatenate([lead, resample(voice.synthesize(q), voice.sample_rate, RATE)])
+        for q in (QUESTIONS * 2)[: args.utterances]
+    ]
+    try:
+        with simulated_room() as room:
+            runs = asyncio.run(_bench(models, config, questions, room))
+    finally:
+        models.close()
+    latencies = [r["release_to_audio_ms"] for r in runs if r["release_to_audio_ms"] is not None]
+    stage_names = list(runs[0]["stages_ms"]) if runs else []
+
+    def stage_p50(name: str) -> float | int | None:
+        return percentiles(
+            [r["stages_ms"][name] for r in runs if r["stages_ms"][name] is not None]
+        )["p50"]
+
+    figure = percentiles(latencies)
+    results: dict[str, Any] = {
+        "date": started.isoformat(timespec="seconds"),
+        "command": shlex.join(sys.argv),
+        "machine": machine_info(),
+        "config": config.source,
+        "release_after_speech_s": RELEASE_AFTER_S,
+        "release_to_first_audio_ms": percentiles(latencies),
+        "failures": len(runs) - len(latencies),
+        "stages_p50_ms": {
+            name: percentiles(
+                [r["stages_ms"][name] for r in runs if r["stages_ms"][name] is not None]
+            )["p50"]
+            for name in stage_names
+        },
+        "runs": runs,
+    }
+    out = Path(args.json_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(
+        f"push-to-talk release to first audio, {figure['n']} questions: "
+        f"p50 {figure['p50']} ms, p95 {figure['p95']} ms (failures {results['failures']})"
+    )
+    print(f"  stage p50 ms: {results['stages_p50_ms']}")
+    print(f"results: {out}")
+    return 0 if latencies else 1
