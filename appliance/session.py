@@ -89,12 +89,14 @@ def turn_handling(
     """The reference's flat options as 1.8.9's grouped turn_handling.
 
     `mode` overrides `session.turn_detection` (a push-to-talk button makes it "manual").
+    In manual mode the application ends the turn, so livekit's minimum endpointing delay
+    (which it would otherwise still wait out after the last speech) is 0.
     """
     mode = mode or session.turn_detection
     return {
         "turn_detection": detector if mode == "model" else mode,
         "endpointing": {
-            "min_delay": session.min_endpointing_delay,
+            "min_delay": 0.0 if mode == "manual" else session.min_endpointing_delay,
             "max_delay": session.max_endpointing_delay,
         },
         "interruption": {

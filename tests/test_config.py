@@ -145,6 +145,10 @@ def test_turn_handling_mapping() -> None:
     marker = object()
     model = config_mod.Config().session
     assert turn_handling(model, detector=marker)["turn_detection"] is marker
+    # manual turns (a push-to-talk button) end when the application says: no minimum wait
+    manual = turn_handling(session, detector=None, mode="manual")
+    assert manual["turn_detection"] == "manual"
+    assert manual["endpointing"] == {"min_delay": 0.0, "max_delay": 2.0}
 
 
 def test_session_options_reach_agentsession_without_deprecation(models, caplog) -> None:  # type: ignore[no-untyped-def]
