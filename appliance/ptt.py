@@ -432,10 +432,16 @@ class PushToTalk:
         session.on("close", lambda _: self.detach(session))
 
     def detach(self, session: AgentSession) -> None:
-        if self.session is session:
-            self.session = None
-            self._pressed_at = None
-            self._show()
+        """The session closed: forget its turn state (a held button waits for the next one)."""
+        if self.session is not session:
+            return
+        self.session = None
+        self._pressed_at = None
+        if self._limit is not None:
+            self._limit.cancel()
+            self._limit = None
+        self.mic_open = self._transcribing = self._awaiting_turn = self._cancel_pending = False
+        self._show()
 
     def _agent_state_changed(self, ev: Any) -> None:
         if ev.new_state in ("thinking", "speaking"):

@@ -311,17 +311,3 @@ def test_inference_runs_off_the_event_loop(
     assert model.threads[0] is not threading.main_thread()
     if use_executor:
         assert model.threads[0].name.startswith("turn-test")
-
-
-def test_prediction_time(model: SmartTurnModel, speech: dict[str, np.ndarray]) -> None:
-    import statistics
-    import time
-
-    audio = speech["complete"]
-    model.predict(audio)
-    times = []
-    for _ in range(20):
-        t0 = time.perf_counter()
-        model.predict(audio)
-        times.append(time.perf_counter() - t0)
-    print(f"\nsmart-turn predict: median {statistics.median(times) * 1000:.1f} ms of 20 (1 thread)")
