@@ -37,14 +37,14 @@ TIMEOUT_S = 30.0
 async def _ask(room: Room, ptt: Any, session: Any, pcm: np.ndarray) -> dict[str, Any]:
     """One push-to-talk turn; the release-to-first-audio latency and livekit's stages."""
     items_before = len(session.history.items)
-    ptt.debouncer.edge(True, time.monotonic())
+    ptt.edge(True, time.monotonic())
     await asyncio.sleep(0.2)
     room.say(pcm)
     speech_end = np.flatnonzero(np.abs(pcm.astype(np.int32)) > LOUD)[-1] / RATE
     await asyncio.sleep(speech_end + RELEASE_AFTER_S)
     start = len(room.played) // 2
     released = time.monotonic()
-    ptt.debouncer.edge(False, released)
+    ptt.edge(False, released)
     first: float | None = None
     deadline = released + TIMEOUT_S
     while time.monotonic() < deadline:
@@ -98,7 +98,7 @@ async def _bench(
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)
         for n, pcm in enumerate(questions):
-            run = await _ask(room, ptt, sessions[-1], pcm)
+            run = await _ask(room, ptt, sessions[-1].session, pcm)
             run["question"] = QUESTIONS[n % len(QUESTIONS)]
             runs.append(run)
             print(f"  {run['question']!r}: {run['release_to_audio_ms']} ms", file=sys.stderr)

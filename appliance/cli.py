@@ -343,6 +343,26 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if any(c.status == "fail" for c in checks) else 0
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .events import follow
+
+    config = _load_config(args.config)
+    h = config.http
+    host = "127.0.0.1" if h.host in ("0.0.0.0", "::") else h.host
+    url = args.url or f"ws://{host}:{h.port}/api/events"
+    try:
+        token = args.token if args.token is not None else h.secret()
+    except config_mod.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    try:
+        return asyncio.run(follow(url, token, args.json))
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -442,6 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("devices", help="list audio input and output devices")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("events", help="print the live events stream of a running appliance")
+    p.add_argument("--config", default=None, help="config file (for [http] host, port, token)")
+    p.add_argument("--url", default=None, help="ws://host:port/api/events (default: from config)")
+    p.add_argument("--token", default=None, help="access token (default: from config)")
+    p.add_argument("--json", action="store_true", help="one JSON message per line")
+    p.set_defaults(func=cmd_events)
 
     p = sub.add_parser("doctor", help="check the installation and say how to fix problems")
     p.add_argument("--config", default=None, help="config file (default: embedded)")

@@ -1,7 +1,7 @@
 """The appliance's TOML configuration: schema, defaults and validation.
 
 One file, sections `[session]`, `[models]`, `[agent]`, `[audio]`, `[ptt]`, `[service]`
-and `[metrics]`. `[session]` carries the options of
+and `[http]`. `[session]` carries the options of
 the AgentSession reference with the reference's names and defaults; `session.turn_handling()`
 maps them onto livekit-agents 1.8.9's grouped options. Errors name the file, the key, the bad
 value and what is allowed.
@@ -169,12 +169,40 @@ class ServiceConfig(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class MetricsConfig(_Section):
-    """The Prometheus endpoint (GET /metrics)."""
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class HttpConfig(_Section):
+    """The daemon's web server: the kiosk page, the events stream, Prometheus metrics."""
 
     enabled: bool = True
     host: str = Field("127.0.0.1", min_length=1)
-    port: int = Field(9464, ge=1, le=65535)
+    port: int = Field(8080, ge=1, le=65535)
+    token: str = ""
+    token_file: str = ""
+
+    def secret(self) -> str:
+        """The access token ("" = none); raises ConfigError if the token file is unusable."""
+        if not self.token_file:
+            return self.token
+        try:
+            token = Path(self.token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"[http] token_file = {self.token_file!r}: {exc.strerror}") from None
+        if len(token) < 16:
+            raise ConfigError(f"[http] token_file = {self.token_file!r}: under 16 characters")
+        return token
+
+    @model_validator(mode="after")
+    def _lan_needs_a_token(self) -> HttpConfig:
+        if self.token and len(self.token) < 16:
+            raise ValueError("token: use at least 16 characters (e.g. `openssl rand -hex 16`)")
+        if self.enabled and self.host not in LOOPBACK and not (self.token or self.token_file):
+            raise ValueError(
+                f"host = {self.host!r} exposes the page and the events to the network: "
+                "set token or token_file too"
+            )
+        return self
 
 
 class AgentConfig(_Section):
@@ -203,7 +231,7 @@ class Config(_Section):
     audio: AudioConfig = Field(default_factory=lambda: AudioConfig())
     ptt: PttConfig = Field(default_factory=lambda: PttConfig())
     service: ServiceConfig = Field(default_factory=lambda: ServiceConfig())
-    metrics: MetricsConfig = Field(default_factory=lambda: MetricsConfig())
+    http: HttpConfig = Field(default_factory=lambda: HttpConfig())
     source: str = Field(default="<defaults>", exclude=True)
 
     @property

@@ -38,17 +38,25 @@ SESSION_EVENTS = (
 
 
 class TextSink(io.TextOutput):
-    """Collects the agent's transcription text as it is played."""
+    """Collects the agent's transcription text as it is played.
+
+    Behind livekit's TranscriptSynchronizer the text arrives in step with the speech;
+    `listeners` get each piece, and None when a reply segment ends.
+    """
 
     def __init__(self) -> None:
         super().__init__(label="text-sink", next_in_chain=None)
         self.text: list[str] = []
+        self.listeners: list[Callable[[str | None], None]] = []
 
     async def capture_text(self, text: str) -> None:
         self.text.append(text)
+        for listener in self.listeners:
+            listener(text)
 
     def flush(self) -> None:
-        pass
+        for listener in self.listeners:
+            listener(None)
 
 
 class EventLog:

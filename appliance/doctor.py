@@ -227,8 +227,8 @@ def check_gpio() -> Check:
 
 def check_ports(config: Config) -> list[Check]:
     checks = [Check("sip", "ok", "no SIP bridge configured")]
-    if config.metrics.enabled:
-        host, port = config.metrics.host, config.metrics.port
+    if config.http.enabled:
+        host, port = config.http.host, config.http.port
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -236,15 +236,15 @@ def check_ports(config: Config) -> list[Check]:
             except OSError as exc:
                 checks.append(
                     Check(
-                        "metrics port",
+                        "http port",
                         "warn",
                         f"{host}:{port} is taken ({exc.strerror}): by the running appliance, "
                         "or by another program",
-                        "if the appliance is not running, set [metrics] port to a free port",
+                        "if the appliance is not running, set [http] port to a free port",
                     )
                 )
             else:
-                checks.append(Check("metrics port", "ok", f"{host}:{port} is free"))
+                checks.append(Check("http port", "ok", f"{host}:{port} is free"))
     return checks
 
 

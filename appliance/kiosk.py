@@ -23,6 +23,7 @@ from livekit.agents.voice.transcription.synchronizer import TranscriptSynchroniz
 from . import logs
 from .config import Config
 from .converse import TextSink
+from .events import Conversation
 from .modelset import ModelSet
 from .ptt import PushToTalk
 from .session import ApplianceAgent, build_session, end_session
@@ -49,14 +50,14 @@ async def serve_usb(
     stop: asyncio.Event,
     *,
     usb: UsbAudio | None = None,
-    on_session: Callable[[AgentSession], object] | None = None,
+    on_session: Callable[[Conversation], object] | None = None,
     ptt: PushToTalk | None = None,
 ) -> None:
     """Run kiosk conversations on the USB devices until `stop` is set, then drain.
 
     `config()` gives the configuration for each new session. `usb` lets a caller own the
-    devices; `on_session` sees each session before it starts (metrics, tests); `ptt`, a
-    push-to-talk button, then drives each session's turns.
+    devices; `on_session` sees each conversation before it starts (metrics, the events
+    stream, tests); `ptt` (a button, or the page's on-screen one) drives manual turns.
     """
     own = usb is None
     usb = usb or UsbAudio(config().audio)
@@ -87,16 +88,18 @@ async def _one_session(
     models: ModelSet,
     stop: asyncio.Event,
     usb: UsbAudio,
-    on_session: Callable[[AgentSession], object] | None,
+    on_session: Callable[[Conversation], object] | None,
     ptt: PushToTalk | None = None,
 ) -> None:
     """One conversation, from a fresh session until it closes or the daemon stops."""
-    logs.SESSION.set(f"usb-{next(_numbers)}")  # tags every log line of this session
+    sid = f"usb-{next(_numbers)}"
+    logs.SESSION.set(sid)  # tags every log line of this session
     aec = config.audio.echo_cancellation
     session = build_session(
         config, models, aec_warmup_duration=config.audio.aec_warmup if aec else None
     )
-    sync = TranscriptSynchronizer(next_in_chain_audio=usb.speaker, next_in_chain_text=TextSink())
+    text = TextSink()
+    sync = TranscriptSynchronizer(next_in_chain_audio=usb.speaker, next_in_chain_text=text)
     session.input.audio = usb.microphone
     session.output.audio = sync.audio_output
     session.output.transcription = sync.text_output
@@ -104,9 +107,10 @@ async def _one_session(
     session.on("close", lambda _: closed.set())
     _log_items(session)
     if on_session is not None:
-        on_session(session)
+        manual = config.turn_detection == "manual"
+        on_session(Conversation(sid, "usb", session, text, manual=manual))
     if ptt is not None:
-        ptt.attach(session)  # the microphone opens only while the button is held
+        ptt.attach(session, sid)  # the microphone opens only while the button is held
     agent = ApplianceAgent(config.agent, turn_gate=ptt.should_reply if ptt else None)
     try:
         await session.start(agent, record=False)

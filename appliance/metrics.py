@@ -2,7 +2,7 @@
 
 One `Metrics` per process. Bridges call `observe(session, bridge)` for each AgentSession;
 the figures come from livekit's own per-message metrics (the same ones `appliance bench`
-reports). `serve()` exposes the text format over HTTP (loopback by default).
+reports). `appliance.web` serves the text format at GET /metrics.
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -131,21 +129,3 @@ class Metrics:
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
-
-    async def serve(self, host: str, port: int) -> web.AppRunner:
-        """Serve GET /metrics; raises OSError if the address cannot be bound."""
-
-        async def handle(_: web.Request) -> web.Response:
-            return web.Response(body=self.text(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        app = web.Application()
-        app.router.add_get("/metrics", handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        try:
-            await site.start()
-        except OSError:
-            await runner.cleanup()
-            raise
-        return runner

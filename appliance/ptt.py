@@ -406,10 +406,18 @@ def make_led(cfg: PttConfig, pin_factory: Any = None) -> StatusLed | None:
 class PushToTalk:
     """Press/release semantics for the current session, and the LED."""
 
-    def __init__(self, cfg: PttConfig, led: StatusLed | None = None) -> None:
+    def __init__(
+        self,
+        cfg: PttConfig,
+        led: StatusLed | None = None,
+        on_action: Callable[[str, str, str | None], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.led = led
+        self.on_action = on_action  # (action, source, session id): the events stream
         self.session: AgentSession | None = None
+        self.session_id: str | None = None
+        self._source = "button"
         self.mic_open = False
         self.turns_committed = 0
         self.ignored_presses = 0
@@ -423,9 +431,19 @@ class PushToTalk:
         self._forget: asyncio.Future[None] | None = None
         self.debouncer = Debouncer(cfg.debounce_ms / 1000, self.press, self.release)
 
-    def attach(self, session: AgentSession) -> None:
+    def edge(self, pressed: bool, at: float, source: str = "button") -> None:
+        """A level change from a button ("button") or the kiosk page ("page")."""
+        self._source = source
+        self.debouncer.edge(pressed, at)
+
+    def _report(self, action: str) -> None:
+        if self.on_action is not None:
+            self.on_action(action, self._source, self.session_id)
+
+    def attach(self, session: AgentSession, session_id: str | None = None) -> None:
         """Drive this session (its audio input must be set): the microphone starts closed."""
         self.session = session
+        self.session_id = session_id
         self.mic_open = False
         session.input.set_audio_enabled(False)
         session.on("agent_state_changed", self._agent_state_changed)
@@ -479,6 +497,7 @@ class PushToTalk:
         if window and at - self._released_at < window:
             self._cancel(session)
             return
+        self._report("press")
         self._pressed_at = at
         self._set_mic(session, True)
         loop = asyncio.get_running_loop()
@@ -493,15 +512,18 @@ class PushToTalk:
             with contextlib.suppress(RuntimeError):
                 self.session.clear_user_turn()
             self.ignored_presses += 1
+            self._report("ignored")
             logger.info("push-to-talk: %.0f ms press ignored (too short)", held * 1000)
             return
         self._released_at = at
+        self._report("release")
         self._end_press(self.session, commit=True)
 
     def _hold_limit(self) -> None:
         if self._pressed_at is None or self.session is None:
             return
         logger.info("push-to-talk: held for %.0f s; committing the turn", self.cfg.max_hold_s)
+        self._report("limit")
         self._end_press(self.session, commit=True)
 
     def _end_press(self, session: AgentSession, *, commit: bool) -> None:
@@ -533,6 +555,7 @@ class PushToTalk:
 
     def _cancel(self, session: AgentSession) -> None:
         self.cancels += 1
+        self._report("cancel")
         self._released_at = -1e9  # a third press is a new press
         self._transcribing = False
         self._show()
@@ -578,7 +601,7 @@ async def serve_button(
         button = make() if make is not None else make_button(cfg)
         gone = asyncio.Event()
         try:
-            button.start(loop, ptt.debouncer.edge, gone.set)
+            button.start(loop, ptt.edge, gone.set)
         except ButtonError as exc:
             if not missing:
                 logger.error(
@@ -603,7 +626,7 @@ async def serve_button(
                 waiter.cancel()
             button.close()
         if gone.is_set() and not stop.is_set():
-            ptt.debouncer.edge(False, time.monotonic())  # a lost button is not held
+            ptt.edge(False, time.monotonic())  # a lost button is not held
             logger.error("push-to-talk button lost; retrying every %.0f s", RETRY_S)
             missing = True
             with contextlib.suppress(asyncio.TimeoutError):

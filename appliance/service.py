@@ -1,17 +1,18 @@
 """`appliance run`: the daemon under systemd (Type=notify), or by hand.
 
-Start-up: the models are verified, loaded and warmed off the event loop, the metrics
-endpoint is bound, the bridges start, and only then READY=1 goes to systemd. While running,
-STATUS says what the daemon is doing and the event loop itself sends WATCHDOG=1 at half of
-WATCHDOG_USEC: a stalled loop stops the pings and systemd restarts the service. A bridge
-that dies stops the daemon with exit status 1 (restarted by the unit).
+Start-up: the models are verified, loaded and warmed off the event loop, the web server
+(kiosk page, events, metrics) is bound, the bridges start, and only then READY=1 goes to
+systemd. While running, STATUS says what the daemon is doing and the event loop itself
+sends WATCHDOG=1 at half of WATCHDOG_USEC: a stalled loop stops the pings and systemd
+restarts the service. A bridge that dies stops the daemon with exit status 1 (restarted
+by the unit).
 
 SIGTERM/SIGINT: STOPPING=1, no new conversations, every session drains (its reply
 finishes, at most `[service] drain_timeout` seconds), exit 0. SIGHUP: the config file is
 read again; `[session]`, `[agent]` and `[service]` apply from the next conversation on,
-changes to `[models]`, `[audio]` or `[metrics]` are logged as needing a restart, and a bad
-file keeps the running configuration. Configuration and model errors exit with 78
-(EX_CONFIG), which the unit does not restart on.
+changes to `[models]`, `[audio]`, `[ptt]` or `[http]` are logged as needing a restart,
+and a bad file keeps the running configuration. Configuration and model errors exit with
+78 (EX_CONFIG), which the unit does not restart on.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from . import config as config_mod
 from . import models as store
+from .events import Conversation, EventHub
 from .metrics import Metrics
 from .systemd import Notifier
 
@@ -39,7 +41,7 @@ logger = logging.getLogger("appliance.service")
 EX_CONFIG = 78
 LAG_TICK_S = 0.5  # how often the loop measures its own lag
 RELOADABLE = ("session", "agent", "service")
-NEEDS_RESTART = ("models", "audio", "ptt", "metrics")
+NEEDS_RESTART = ("models", "audio", "ptt", "http")
 LOG_LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -58,11 +60,17 @@ class Service:
         *,
         notifier: Notifier | None = None,
         metrics: Metrics | None = None,
+        models: ModelSet | None = None,
     ) -> None:
+        """`models`: an already loaded model set to use (and not close), e.g. in tests."""
         self.config = config
         self.config_path = config_path
         self.notifier = notifier or Notifier()
         self.metrics = metrics or Metrics()
+        m = config.models
+        self.events = EventHub(
+            {"profile": m.profile, "models": {"stt": m.stt, "llm": m.llm, "tts": m.tts}}
+        )
         self.sessions: set[AgentSession] = set()
         self.bridges: dict[str, asyncio.Task[None]] = {}
         self.stopping = False
@@ -70,6 +78,7 @@ class Service:
         self._stop: asyncio.Event | None = None
         self._state = "starting"
         self._led: StatusLed | None = None
+        self._models = models
 
     # -- status --
 
@@ -84,8 +93,10 @@ class Service:
         self._state = state
         self.notifier.status(self.status())
 
-    def _session_started(self, session: AgentSession, bridge: str) -> None:
-        self.metrics.observe(session, bridge)
+    def _session_started(self, conv: Conversation) -> None:
+        session = conv.session
+        self.metrics.observe(session, conv.bridge)
+        self.events.observe(conv)
         self.sessions.add(session)
         session.on("close", lambda _: self._session_closed(session))
         self.notifier.status(self.status())
@@ -117,21 +128,27 @@ class Service:
         runner: web.AppRunner | None = None
         try:
             self._set_state("verifying and loading models")
+            loaded = self._models
             try:
-                models = await asyncio.to_thread(_load_models, self.config)
+                if loaded is None:
+                    loaded = await asyncio.to_thread(_load_models, self.config)
             except store.ModelError as exc:
                 logger.error("%s", exc)
                 return EX_CONFIG
-            self.metrics.models_loaded(models.times)
-            if self.config.metrics.enabled:
-                m = self.config.metrics
+            models = loaded
+            self.metrics.models_loaded(loaded.times)
+            ptt = self._push_to_talk()
+            if self.config.http.enabled:
                 try:
-                    runner = await self.metrics.serve(m.host, m.port)
+                    runner = await self._serve_http(ptt)
+                except config_mod.ConfigError as exc:
+                    logger.error("%s: %s", self.config.source, exc)
+                    return EX_CONFIG
                 except OSError as exc:
-                    logger.error("metrics: cannot listen on %s:%d: %s", m.host, m.port, exc)
+                    h = self.config.http
+                    logger.error("http: cannot listen on %s:%d: %s", h.host, h.port, exc)
                     return 1
-                logger.info("metrics on http://%s:%d/metrics", m.host, m.port)
-            self._start_bridges(models)
+            self._start_bridges(loaded, ptt)
             self._state = "ready"
             self.metrics.ready.set(1)
             self.notifier.ready(self.status())
@@ -148,14 +165,25 @@ class Service:
             logging.getLogger().removeHandler(log_errors)
             if runner is not None:
                 await runner.cleanup()
-            if models is not None:
+            if models is not None and models is not self._models:
                 models.close()
 
-    def _start_bridges(self, models: ModelSet) -> None:
+    async def _serve_http(self, ptt: PushToTalk | None) -> web.AppRunner:
+        """The kiosk page, the events stream and /metrics (raises OSError, ConfigError)."""
+        from . import web as web_mod
+
+        h = self.config.http
+        token = h.secret()
+        app = web_mod.make_app(self.events, self.metrics, token=token, ptt=ptt)
+        runner = await web_mod.serve(app, h.host, h.port)
+        where = f"http://{h.host}:{h.port}/"
+        logger.info("kiosk page %s, events %sapi/events, metrics %smetrics", where, where, where)
+        return runner
+
+    def _start_bridges(self, models: ModelSet, ptt: PushToTalk | None) -> None:
         from .kiosk import serve_usb
 
         assert self._stop is not None
-        ptt = self._push_to_talk()
         if self.config.audio.enabled:
             a = self.config.audio
             logger.info("USB kiosk on %r / %r", a.input, a.output)
@@ -164,7 +192,7 @@ class Service:
                     lambda: self.config,
                     models,
                     self._stop,
-                    on_session=lambda s: self._session_started(s, "usb"),
+                    on_session=self._session_started,
                     ptt=ptt,
                 ),
                 name="usb kiosk",
@@ -173,12 +201,22 @@ class Service:
             task.add_done_callback(self._bridge_ended)
 
     def _push_to_talk(self) -> PushToTalk | None:
-        """The button's task (a bridge) and its session side, when [ptt] is configured."""
+        """Manual turns: the session side, and the button's task (a bridge) if configured.
+
+        With `turn_detection = "manual"` and no button, the kiosk page's on-screen button
+        (and the events API) drive the turns.
+        """
         from .ptt import ButtonError, PushToTalk, make_led, serve_button
 
         cfg = self.config.ptt
-        if not cfg.enabled:
+        if self.config.turn_detection != "manual":
             return None
+
+        def report(action: str, source: str, session: str | None) -> None:
+            self.events.ptt(session, action, source)
+
+        if not cfg.enabled:
+            return PushToTalk(cfg, None, report)
         assert self._stop is not None
         if self.config.session.turn_detection != "manual":
             logger.warning(
@@ -193,7 +231,7 @@ class Service:
             logger.error("status LED unavailable: %s; running without it", exc)
             led = None
         self._led = led
-        ptt = PushToTalk(cfg, led)
+        ptt = PushToTalk(cfg, led, report)
         self.bridges["push-to-talk"] = asyncio.create_task(
             serve_button(cfg, ptt, self._stop), name="push-to-talk"
         )

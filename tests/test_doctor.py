@@ -31,7 +31,7 @@ def test_a_missing_model_and_a_missing_audio_device_are_reported(tmp_path: Path)
     empty.mkdir()
     (tmp_path / "mic.raw").write_bytes(bytes(32000))
     env = {"APPLIANCE_MODELS_DIR": str(empty), "ALSA_CONFIG_PATH": file_pcms(tmp_path)}
-    config = '[audio]\nenabled = true\ninput = "usb-speakerphone"\n[metrics]\nenabled = false\n'
+    config = '[audio]\nenabled = true\ninput = "usb-speakerphone"\n[http]\nenabled = false\n'
     code, checks = doctor(tmp_path, config, env)
     assert code == 1
     models = checks["models"]
@@ -47,7 +47,7 @@ def test_a_missing_model_and_a_missing_audio_device_are_reported(tmp_path: Path)
 def test_a_healthy_install_has_no_problem(tmp_path: Path) -> None:
     (tmp_path / "mic.raw").write_bytes(bytes(32000))
     env = {"ALSA_CONFIG_PATH": file_pcms(tmp_path)}
-    code, checks = doctor(tmp_path, "[audio]\nenabled = true\n[metrics]\nenabled = false\n", env)
+    code, checks = doctor(tmp_path, "[audio]\nenabled = true\n[http]\nenabled = false\n", env)
     failed = {name: c for name, c in checks.items() if c["status"] == "fail"}
     assert code == 0 and not failed, failed
     assert checks["models"]["status"] == "ok"

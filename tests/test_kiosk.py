@@ -56,7 +56,7 @@ def run_kiosk(models: Any, config: config_mod.Config, scenario: Any, timeout: fl
             while not sessions:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.5)
-            return await asyncio.wait_for(scenario(usb, sessions[-1]), timeout)
+            return await asyncio.wait_for(scenario(usb, sessions[-1].session), timeout)
         finally:
             stop.set()
             await asyncio.wait_for(kiosk, 30)

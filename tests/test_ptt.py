@@ -324,7 +324,7 @@ def run_ptt_kiosk(models: Any, scenario: Callable[..., Any], timeout: float = 90
             while not sessions:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.5)
-            return await asyncio.wait_for(scenario(usb, sessions[-1], pin, ptt), timeout)
+            return await asyncio.wait_for(scenario(usb, sessions[-1].session, pin, ptt), timeout)
         finally:
             stop.set()
             await asyncio.wait_for(kiosk, 30)

@@ -135,7 +135,7 @@ def kiosk_toml(port: int, greeting: str = "", threads: int = 2) -> str:
     return (
         f'[session]\nturn_detection = "vad"\n\n[models]\nthreads = {threads}\n\n'
         f"[audio]\nenabled = true\n\n[agent]\ngreeting = {greeting!r}\n\n"
-        f"[metrics]\nport = {port}\n"
+        f"[http]\nport = {port}\n"
     )
 
 
