@@ -183,7 +183,8 @@ def capture_cpu(processing: str, mic: np.ndarray, repeats: int = 5) -> dict[str,
     """CPU milliseconds per second of audio of the capture path at DEVICE_RATE."""
     from livekit import rtc
 
-    from .usbaudio import EchoCanceller, Rechunker
+    from .playout import Rechunker
+    from .usbaudio import EchoCanceller
 
     device = resample(mic, RATE, DEVICE_RATE)
     step = DEVICE_RATE // 100
@@ -218,7 +219,8 @@ def _lag(reference: np.ndarray, delayed: np.ndarray, max_lag: int) -> int:
 
 def processing_delays(mic: np.ndarray) -> dict[str, float]:
     """Algorithmic delay (ms) of the 48 -> 16 kHz resampler and of the audio processing."""
-    from .usbaudio import EchoCanceller, Rechunker
+    from .playout import Rechunker
+    from .usbaudio import EchoCanceller
 
     speech = mic[: RATE * 3]
     device = resample(speech, RATE, DEVICE_RATE)

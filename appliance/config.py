@@ -1,7 +1,7 @@
 """The appliance's TOML configuration: schema, defaults and validation.
 
-One file, sections `[session]`, `[models]`, `[agent]`, `[audio]`, `[ptt]`, `[service]`
-and `[http]`. `[session]` carries the options of
+One file, sections `[session]`, `[models]`, `[agent]`, `[audio]`, `[ptt]`, `[sip]`,
+`[service]` and `[http]`. `[session]` carries the options of
 the AgentSession reference with the reference's names and defaults; `session.turn_handling()`
 maps them onto livekit-agents 1.8.9's grouped options. Errors name the file, the key, the bad
 value and what is allowed.
@@ -162,6 +162,67 @@ class PttConfig(_Section):
         return self.backend != "none"
 
 
+class SipConfig(_Section):
+    """The SIP phone bridge: listen, register, who may call, transfers."""
+
+    enabled: bool = False
+    listen: str = Field("0.0.0.0", min_length=1)
+    port: int = Field(5060, ge=1, le=65535)
+    public_address: str = ""
+    rtp_ports: tuple[int, int] = (10000, 20000)
+    allow: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1"])
+    users_file: str = ""
+    max_calls: int = Field(2, ge=1, le=64)
+    ring_time: float = Field(0.0, ge=0.0, le=30.0)
+    media_timeout: float = Field(30.0, ge=2.0, le=3600.0)
+    dtmf_timeout: float = Field(1.5, ge=0.2, le=10.0)
+    register_uri: str = ""
+    register_user: str = ""
+    register_password_file: str = ""
+    register_expires: int = Field(300, ge=30, le=86400)
+    outbound_proxy: str = ""
+    user_agent: str = Field("appliance", min_length=1)
+    transfer_targets: dict[str, str] = Field(default_factory=dict)
+    headers: list[str] = Field(default_factory=lambda: ["X-Customer-Id", "Diversion"])
+
+    @field_validator("allow")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{net!r} is not an address or network (e.g. 10.0.0.0/8)"
+                ) from None
+        return value
+
+    @field_validator("rtp_ports")
+    @classmethod
+    def _ports(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if not 1024 <= low < high <= 65535 or high - low < 2:
+            raise ValueError("must be [low, high] with 1024 <= low < high <= 65535")
+        return value
+
+    @field_validator("register_uri", "outbound_proxy")
+    @classmethod
+    def _sip_uri(cls, value: str) -> str:
+        if value and not value.startswith(("sip:", "sips:")):
+            raise ValueError("must be a SIP URI such as sip:1001@pbx.lan")
+        return value
+
+    @field_validator("transfer_targets")
+    @classmethod
+    def _targets(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, uri in value.items():
+            if not uri.startswith(("sip:", "sips:", "tel:")):
+                raise ValueError(f"{name} = {uri!r}: must be a sip: or tel: URI")
+        return value
+
+
 class ServiceConfig(_Section):
     """How `appliance run` behaves as a service."""
 
@@ -230,6 +291,7 @@ class Config(_Section):
     agent: AgentConfig = Field(default_factory=lambda: AgentConfig())
     audio: AudioConfig = Field(default_factory=lambda: AudioConfig())
     ptt: PttConfig = Field(default_factory=lambda: PttConfig())
+    sip: SipConfig = Field(default_factory=lambda: SipConfig())
     service: ServiceConfig = Field(default_factory=lambda: ServiceConfig())
     http: HttpConfig = Field(default_factory=lambda: HttpConfig())
     source: str = Field(default="<defaults>", exclude=True)

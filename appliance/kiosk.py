@@ -15,7 +15,6 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from livekit.agents import AgentSession
 from livekit.agents.voice.transcription.synchronizer import TranscriptSynchronizer
@@ -26,22 +25,12 @@ from .converse import TextSink
 from .events import Conversation
 from .modelset import ModelSet
 from .ptt import PushToTalk
-from .session import ApplianceAgent, build_session, end_session
+from .session import ApplianceAgent, build_session, end_session, log_conversation
 from .usbaudio import UsbAudio
 
 logger = logging.getLogger("appliance.kiosk")
 RETRY_MAX_S = 30.0
 _numbers = itertools.count(1)
-
-
-def _log_items(session: AgentSession) -> None:
-    def added(ev: Any) -> None:
-        item = ev.item
-        role = getattr(item, "role", None)
-        if role in ("user", "assistant") and item.text_content:
-            logger.info("%s: %s", role, item.text_content, extra={"stage": "conversation"})
-
-    session.on("conversation_item_added", added)
 
 
 async def serve_usb(
@@ -105,7 +94,7 @@ async def _one_session(
     session.output.transcription = sync.text_output
     closed = asyncio.Event()
     session.on("close", lambda _: closed.set())
-    _log_items(session)
+    log_conversation(session)
     if on_session is not None:
         manual = config.turn_detection == "manual"
         on_session(Conversation(sid, "usb", session, text, manual=manual))

@@ -10,7 +10,7 @@ by the unit).
 SIGTERM/SIGINT: STOPPING=1, no new conversations, every session drains (its reply
 finishes, at most `[service] drain_timeout` seconds), exit 0. SIGHUP: the config file is
 read again; `[session]`, `[agent]` and `[service]` apply from the next conversation on,
-changes to `[models]`, `[audio]`, `[ptt]` or `[http]` are logged as needing a restart,
+changes to `[models]`, `[audio]`, `[ptt]`, `[sip]` or `[http]` are logged as needing a restart,
 and a bad file keeps the running configuration. Configuration and model errors exit with
 78 (EX_CONFIG), which the unit does not restart on.
 """
@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import config as config_mod
 from . import models as store
@@ -35,13 +35,14 @@ if TYPE_CHECKING:
 
     from .modelset import ModelSet
     from .ptt import PushToTalk, StatusLed
+    from .sip.ua import Call
 
 logger = logging.getLogger("appliance.service")
 
 EX_CONFIG = 78
 LAG_TICK_S = 0.5  # how often the loop measures its own lag
 RELOADABLE = ("session", "agent", "service")
-NEEDS_RESTART = ("models", "audio", "ptt", "http")
+NEEDS_RESTART = ("models", "audio", "ptt", "sip", "http")
 LOG_LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -72,6 +73,8 @@ class Service:
             {"profile": m.profile, "models": {"stt": m.stt, "llm": m.llm, "tts": m.tts}}
         )
         self.sessions: set[AgentSession] = set()
+        self.calls = 0
+        self.sip_ready: asyncio.Future[Any] | None = None
         self.bridges: dict[str, asyncio.Task[None]] = {}
         self.stopping = False
         self.exit_status = 0
@@ -87,7 +90,10 @@ class Service:
             return self._state
         names = ", ".join(self.bridges) or "no bridge"
         n = len(self.sessions)
-        return f"ready: {names}; {n} session{'s' if n != 1 else ''} active"
+        text = f"ready: {names}; {n} session{'s' if n != 1 else ''} active"
+        if self.config.sip.enabled:
+            text += f", {self.calls} call{'s' if self.calls != 1 else ''} active"
+        return text
 
     def _set_state(self, state: str) -> None:
         self._state = state
@@ -110,9 +116,10 @@ class Service:
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit status."""
-        if not self.config.audio.enabled:
+        if not (self.config.audio.enabled or self.config.sip.enabled):
             logger.error(
-                "%s: no bridge is enabled; set [audio] enabled = true for a USB kiosk",
+                "%s: no bridge is enabled; set [audio] enabled = true for a USB kiosk, "
+                "or [sip] enabled = true for phone calls",
                 self.config.source,
             )
             return EX_CONFIG
@@ -149,6 +156,9 @@ class Service:
                     logger.error("http: cannot listen on %s:%d: %s", h.host, h.port, exc)
                     return 1
             self._start_bridges(loaded, ptt)
+            status = await self._listening()
+            if status is not None:
+                return status
             self._state = "ready"
             self.metrics.ready.set(1)
             self.notifier.ready(self.status())
@@ -197,8 +207,62 @@ class Service:
                 ),
                 name="usb kiosk",
             )
+        if self.config.sip.enabled:
+            from .sip.bridge import serve_sip
+
+            self.sip_ready = asyncio.get_running_loop().create_future()
+            self.bridges["sip"] = asyncio.create_task(
+                serve_sip(
+                    lambda: self.config,
+                    models,
+                    self._stop,
+                    on_session=self._session_started,
+                    on_call=self._call_event,
+                    ready=self.sip_ready,
+                ),
+                name="sip",
+            )
         for task in self.bridges.values():
             task.add_done_callback(self._bridge_ended)
+
+    async def _listening(self) -> int | None:
+        """Wait for the SIP socket to be bound; an exit status if it could not be."""
+        sip = self.bridges.get("sip")
+        if sip is None or self.sip_ready is None:
+            return None
+        await asyncio.wait([sip, self.sip_ready], return_when=asyncio.FIRST_COMPLETED)
+        if self.sip_ready.done():
+            return None
+        self.stopping = True  # not a crash: the bridge could not start
+        if self._stop is not None:
+            self._stop.set()
+        error = sip.exception()
+        if isinstance(error, config_mod.ConfigError):
+            logger.error("%s: %s", self.config.source, error)
+            return EX_CONFIG
+        s = self.config.sip
+        logger.error("sip: cannot listen on udp %s:%d: %s", s.listen, s.port, error)
+        return 1
+
+    def _call_event(self, call: Call, started: bool) -> None:
+        """A phone call began or ended: the events stream, the metrics, the status line."""
+        self.calls += 1 if started else -1
+        self.events.calls_active = self.calls
+        self.metrics.calls_active.set(self.calls)
+        if started:
+            self.events.publish(
+                "call_started",
+                None,
+                call.call_id,
+                **{"from": call.number or call.caller.uri, "to": str(call.dialog.local.uri)},
+                calls_active=self.calls,
+            )
+        else:
+            self.events.publish(
+                "call_ended", None, call.call_id, reason=call.end_reason, calls_active=self.calls
+            )
+        if not self.stopping:
+            self.notifier.status(self.status())
 
     def _push_to_talk(self) -> PushToTalk | None:
         """Manual turns: the session side, and the button's task (a bridge) if configured.

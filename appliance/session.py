@@ -55,7 +55,8 @@ class ApplianceAgent(Agent):
     """The configured agent: instructions, built-in tools, and the greeting on entry.
 
     `turn_gate`, when given, is asked for each completed user turn; False drops the turn
-    (no reply, not added to the conversation): a push-to-talk cancel.
+    (no reply, not added to the conversation): a push-to-talk cancel. `extra_tools` are a
+    bridge's own (a phone call's hang-up and transfer).
     """
 
     def __init__(
@@ -64,9 +65,11 @@ class ApplianceAgent(Agent):
         *,
         instructions: str | None = None,
         turn_gate: Callable[[], bool] | None = None,
+        extra_tools: Sequence[llm.Tool | llm.Toolset] = (),
     ) -> None:
         super().__init__(
-            instructions=instructions or config.instructions, tools=build_tools(config.tools)
+            instructions=instructions or config.instructions,
+            tools=[*build_tools(config.tools), *extra_tools],
         )
         self.greeting = config.greeting
         self.turn_gate = turn_gate
@@ -110,9 +113,16 @@ def turn_handling(
 
 
 def build_session(
-    config: Config, models: ModelSet, *, aec_warmup_duration: float | None = None
+    config: Config,
+    models: ModelSet,
+    *,
+    aec_warmup_duration: float | None = None,
+    userdata: dict[str, Any] | None = None,
 ) -> AgentSession:
-    """A new AgentSession over the shared models. Call inside the running event loop."""
+    """A new AgentSession over the shared models. Call inside the running event loop.
+
+    `userdata` is added to `[session] userdata` (a call's caller, number, headers).
+    """
     cfg = config.session
     mode = config.turn_detection
     detector = models.turn_detector() if mode == "model" else None
@@ -122,7 +132,7 @@ def build_session(
         llm=models.llm(tool_choice(config.agent)),
         tts=models.tts(),
         turn_handling=turn_handling(cfg, detector, mode),
-        userdata=dict(cfg.userdata),
+        userdata={**cfg.userdata, **(userdata or {})},
         aec_warmup_duration=aec_warmup_duration,
         user_away_timeout=cfg.user_away_timeout,
     )
@@ -132,3 +142,15 @@ def end_session(session: AgentSession, reason: str) -> None:
     """Graceful shutdown: finish the current reply, then close; the reason is logged."""
     logger.info("ending session: %s", reason, extra={"reason": reason})
     session.shutdown(drain=True)
+
+
+def log_conversation(session: AgentSession) -> None:
+    """Log each user and agent message (stage=conversation: the transcript in the journal)."""
+
+    def added(ev: Any) -> None:
+        item = ev.item
+        role = getattr(item, "role", None)
+        if role in ("user", "assistant") and item.text_content:
+            logger.info("%s: %s", role, item.text_content, extra={"stage": "conversation"})
+
+    session.on("conversation_item_added", added)

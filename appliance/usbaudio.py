@@ -24,14 +24,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from livekit import rtc
 from livekit.agents.voice import io
 
-from .fileaudio import mono16
+from .playout import Playout, Rechunker
 
 if TYPE_CHECKING:
     import pyaudio
@@ -138,29 +137,6 @@ def find_device(devices: list[dict[str, Any]], name: str, direction: str) -> dic
     kind = "input" if direction == "inputs" else "output"
     what = "several match" if partial else "none matches"
     raise AudioDeviceError(f"{kind} device {name!r}: {what}; {kind} devices: {names}")
-
-
-class Rechunker:
-    """Streaming resampler to a fixed rate, re-cut into fixed-size int16 blocks."""
-
-    def __init__(self, src: int, dst: int, block: int) -> None:
-        self._resampler = rtc.AudioResampler(src, dst) if src != dst else None
-        self._dst, self._block = dst, block
-        self._pending: np.ndarray = np.zeros(0, np.int16)
-
-    def push(self, pcm: np.ndarray, src: int) -> list[np.ndarray]:
-        if self._resampler is not None:
-            frame = rtc.AudioFrame(pcm.astype(np.int16).tobytes(), src, 1, len(pcm))
-            parts = [mono16(f) for f in self._resampler.push(frame)]
-            pcm = np.concatenate(parts) if parts else np.zeros(0, np.int16)
-        self._pending = np.concatenate([self._pending, pcm]).astype(np.int16)
-        if self._block <= 0:  # no re-cutting: everything resampled so far
-            out, self._pending = self._pending, np.zeros(0, np.int16)
-            return [out] if len(out) else []
-        n = len(self._pending) // self._block
-        blocks = [self._pending[i * self._block : (i + 1) * self._block] for i in range(n)]
-        self._pending = self._pending[n * self._block :]
-        return blocks
 
 
 class Pacer:
@@ -396,52 +372,27 @@ class UsbMicrophone(io.AudioInput):
         self.device.stop()
 
 
-@dataclass
-class _Segment:
-    id: int
-    queued: int = 0  # samples handed to the device thread, at the device rate
-    written: int = 0  # samples the device has taken
-    flushed: bool = False
-    started: bool = False
-    done: bool = False
+class UsbSpeaker(Playout):
+    """The session's speaker: a Playout drained by the output device's thread.
 
-
-class UsbSpeaker(io.AudioOutput):
-    """The session's speaker, following livekit's AudioOutput contract.
-
-    `on_playback_started` fires when the segment's first sample is taken by the device
-    (plus its output latency), `on_playback_finished` once per segment with the position
-    really played; `clear_buffer` drops everything queued at once; pause/resume hold and
-    release the queued audio. Between replies the device plays silence, so the stream
-    (and the echo canceller's reference) never stops.
+    Playback starts when the segment's first sample is taken by the device, plus its
+    output latency. Between replies the device plays silence, so the stream (and the echo
+    canceller's reference) never stops. While the speaker is gone nothing is queued and
+    a reply ends as interrupted.
     """
 
     def __init__(self, cfg: AudioConfig, echo: EchoCanceller) -> None:
-        super().__init__(
-            label=f"usb-out:{cfg.output}", capabilities=io.AudioOutputCapabilities(pause=True)
-        )
-        self._loop = asyncio.get_running_loop()
+        super().__init__(f"usb-out:{cfg.output}", padding_s=cfg.playback_padding_ms / 1000)
         self._echo = echo
-        self._padding_s = cfg.playback_padding_ms / 1000
         self.device = _DeviceThread(
             cfg.output,
             "outputs",
             cfg.output_rate,
             "output",
             self._serve,
-            lambda: self._loop.call_soon_threadsafe(self._lost),
+            lambda: self._loop.call_soon_threadsafe(self.lost),
             priority=cfg.realtime_priority,
         )
-        self._lock = threading.Lock()
-        self._queue: deque[tuple[_Segment, np.ndarray]] = deque()
-        self._paused = False
-        self._segment: _Segment | None = None
-        self._next_id = 0
-        self._resampler: Rechunker | None = None
-        self._src_rate = 0
-        self.latency_s = 0.0
-        self.segments: list[dict[str, float | bool]] = []
-        self.samples_taken = 0  # reply samples the device has taken, at the device rate
 
     def start(self) -> None:
         self.device.start()
@@ -449,140 +400,26 @@ class UsbSpeaker(io.AudioOutput):
     def close(self) -> None:
         self.device.stop()
 
-    @property
-    def playing(self) -> bool:
-        return self._segment is not None
+    def sink_rate(self) -> int:
+        return self.device.rate
 
-    # -- event-loop side --
-
-    async def capture_frame(self, frame: rtc.AudioFrame) -> None:
-        await super().capture_frame(frame)
-        if self._segment is None:
-            self._segment = _Segment(self._next_id)
-            self._next_id += 1
-        segment = self._segment
-        rate = self.device.rate
-        if not self.device.connected.is_set() or not rate:
-            return  # no speaker: nothing is queued; flush reports it as not played
-        if self._resampler is None or self._src_rate != frame.sample_rate:
-            self._resampler = Rechunker(frame.sample_rate, rate, 0)
-            self._src_rate = frame.sample_rate
-        pcm = mono16(frame)
-        if frame.sample_rate != rate:
-            blocks = self._resampler.push(pcm, frame.sample_rate)
-            pcm = np.concatenate(blocks) if blocks else np.zeros(0, np.int16)
-        with self._lock:
-            self._queue.append((segment, pcm))
-            segment.queued += len(pcm)
-
-    def flush(self) -> None:
-        super().flush()
-        segment = self._segment
-        if segment is None:
-            return
-        segment.flushed = True
-        if segment.queued == 0 or not self.device.connected.is_set():
-            self._start(segment)  # nothing to play (or no speaker): report it at once
-            self._finish(segment, interrupted=not self.device.connected.is_set())
-        else:
-            self._check_drained(segment)
-
-    def clear_buffer(self) -> None:
-        if self._segment is not None:
-            self._finish(self._segment, interrupted=True)
-
-    def pause(self) -> None:
-        with self._lock:
-            self._paused = True
-
-    def resume(self) -> None:
-        with self._lock:
-            self._paused = False
-
-    def _position(self, segment: _Segment) -> float:
-        rate = self.device.rate or 1
-        return max(0.0, segment.written / rate - self.latency_s)
-
-    def _start(self, segment: _Segment) -> None:
-        if not segment.started and not segment.done:
-            segment.started = True
-            self.on_playback_started(created_at=time.time())
-
-    def _check_drained(self, segment: _Segment) -> None:
-        if segment.flushed and segment.written >= segment.queued and not segment.done:
-            # the last samples are in the device: finish when they have left it
-            self._loop.call_later(self.latency_s + self._padding_s, self._finish, segment, False)
-
-    def _finish(self, segment: _Segment, interrupted: bool) -> None:
-        if segment.done:
-            return
-        with self._lock:
-            if interrupted:
-                self._queue = deque((s, p) for s, p in self._queue if s is not segment)
-            position = (
-                self._position(segment)
-                if interrupted
-                else segment.written / (self.device.rate or 1)
-            )
-        if not segment.started:
-            self._start(segment)
-        segment.done = True
-        if self._segment is segment:
-            self._segment = None
-        self.segments.append({"played": position, "interrupted": interrupted})
-        self.on_playback_finished(playback_position=position, interrupted=interrupted)
-
-    def _lost(self) -> None:
-        if self._segment is not None:
-            self._finish(self._segment, interrupted=True)
-
-    # -- device thread side --
+    def sink_ready(self) -> bool:
+        return self.device.connected.is_set() and self.device.rate > 0
 
     def _serve(self, stream: Any) -> None:
+        """The device thread: write blocks (silence between replies), feed the AEC."""
         rate = self.device.rate
         step = rate * FRAME_MS // 1000
         self.latency_s = float(stream.get_output_latency())
         to_echo = Rechunker(rate, SESSION_RATE, SESSION_RATE * FRAME_MS // 1000)
         pacer = Pacer(rate)
-        silence = np.zeros(step, np.int16)
         while self.device.running:
-            block, touched = self._take(step, silence)
+            block, touched = self.take(step)
             stream.write(block.tobytes(), step)
             pacer.advance(step)
             for reference in to_echo.push(block, rate):
                 self._echo.played(reference)
-            for segment, first in touched:
-                if first:
-                    self._loop.call_soon_threadsafe(self._start_later, segment)
-                self._loop.call_soon_threadsafe(self._check_drained, segment)
-
-    def _take(
-        self, step: int, silence: np.ndarray
-    ) -> tuple[np.ndarray, list[tuple[_Segment, bool]]]:
-        """The next device block from the queue (silence when idle or paused)."""
-        with self._lock:
-            if self._paused or not self._queue:
-                return silence, []
-            out = np.zeros(step, np.int16)
-            filled = 0
-            touched: list[tuple[_Segment, bool]] = []
-            while filled < step and self._queue:
-                segment, pcm = self._queue[0]
-                take = min(step - filled, len(pcm))
-                out[filled : filled + take] = pcm[:take]
-                if not touched or touched[-1][0] is not segment:
-                    touched.append((segment, segment.written == 0))
-                segment.written += take
-                self.samples_taken += take
-                filled += take
-                if take == len(pcm):
-                    self._queue.popleft()
-                else:
-                    self._queue[0] = (segment, pcm[take:])
-            return out, touched
-
-    def _start_later(self, segment: _Segment) -> None:
-        self._loop.call_later(self.latency_s, self._start, segment)
+            self.taken(touched)
 
 
 class UsbAudio:

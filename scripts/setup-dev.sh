@@ -11,10 +11,11 @@ cd "$(dirname "$0")/.."
 # espeak-ng: Piper's phonemizer; portaudio19-dev: builds pyaudio (USB audio bridge);
 # alsa-utils, pulseaudio, libasound2-plugins: sound tools and the audio tests' servers;
 # device-tree-compiler, udev: the firmware tests (dtc, udevadm); systemd: systemd-analyze;
-# chromium: the kiosk page's browser tests (driven by Playwright, which downloads nothing).
+# chromium: the kiosk page's browser tests (driven by Playwright, which downloads nothing);
+# sip-tester (sipp) and baresip-core: the phones of the SIP tests.
 APT_PACKAGES=(espeak-ng python3-venv python3-dev build-essential cmake git
   portaudio19-dev alsa-utils pulseaudio libasound2-plugins
-  device-tree-compiler udev systemd chromium)
+  device-tree-compiler udev systemd chromium sip-tester baresip-core)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -1,0 +1,273 @@
+"""Each phone call as its own AgentSession over the process's shared models.
+
+The caller's audio (8 kHz from the jitter buffer) is resampled to 16 kHz and cleaned with
+telephony-tuned processing (WebRTC noise suppression, high-pass and gain; no echo
+cancellation: the phone does that) before the session hears it, as LiveKit SIP picks a
+telephony noise filter for SIP participants. The agent's audio goes out as 20 ms G.711
+packets through a `Playout` drained by the RTP clock. DTMF digits (RFC 4733 or SIP INFO)
+are collected and given to the agent as the user's words ("The caller pressed 1 2 3 #."),
+and kept in `userdata["call"]["dtmf"]`. The agent can hang up (`end_conversation`) and,
+with `[sip] transfer_targets`, transfer the call (`transfer_call`, a REFER).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from livekit import rtc
+from livekit.agents import AgentSession, RunContext, function_tool
+from livekit.agents.voice import io
+from livekit.agents.voice.transcription.synchronizer import TranscriptSynchronizer
+
+from .. import logs
+from ..config import Config, ConfigError
+from ..converse import TextSink
+from ..events import Conversation
+from ..modelset import ModelSet
+from ..playout import Playout, Rechunker
+from ..session import ApplianceAgent, build_session, end_session, log_conversation
+from .rtp import RATE
+from .ua import Call, UserAgent, read_users
+
+logger = logging.getLogger("appliance.sip")
+SESSION_RATE = 16000
+BLOCK = SESSION_RATE // 100
+NETWORK_LATENCY_S = 0.06  # our packet to the caller's ear: network and their jitter buffer
+_numbers = itertools.count(1)
+
+
+class CallAudioInput(io.AudioInput):
+    """The caller, as the session hears them: 16 kHz, telephony noise suppression."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__(label=label)
+        self._queue: asyncio.Queue[rtc.AudioFrame] = asyncio.Queue(maxsize=100)
+        self._chunker = Rechunker(RATE, SESSION_RATE, BLOCK)
+        self._apm = rtc.AudioProcessingModule(
+            noise_suppression=True, high_pass_filter=True, auto_gain_control=True
+        )
+        self.attached = False
+
+    def on_attached(self) -> None:
+        self.attached = True
+
+    def on_detached(self) -> None:
+        self.attached = False
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+    def push(self, pcm8k: np.ndarray) -> None:
+        """20 ms from the jitter buffer (on the event loop)."""
+        for block in self._chunker.push(pcm8k, RATE):
+            frame = rtc.AudioFrame(block.tobytes(), SESSION_RATE, 1, BLOCK)
+            self._apm.process_stream(frame)
+            if not self.attached:
+                continue
+            if self._queue.full():
+                self._queue.get_nowait()
+            self._queue.put_nowait(frame)
+
+    async def __anext__(self) -> rtc.AudioFrame:
+        return await self._queue.get()
+
+
+class CallAudioOutput(Playout):
+    """The agent's voice for the caller: 8 kHz blocks taken by the RTP clock."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__(label, padding_s=0.1)
+        self.latency_s = NETWORK_LATENCY_S
+
+    def sink_rate(self) -> int:
+        return RATE
+
+    def pull(self, n: int) -> np.ndarray:
+        block, touched = self.take(n)
+        self.taken(touched)
+        return block
+
+
+def _transfer_tool(call: Call, targets: dict[str, str]) -> Any:
+    names = sorted(targets)
+
+    async def transfer_call(raw_arguments: dict[str, object], context: RunContext) -> str:
+        name = str(raw_arguments.get("destination", ""))
+        if name not in targets:
+            return f"Unknown destination. Choose one of: {', '.join(names)}."
+        context.session.say("Please hold, I am transferring your call.")
+        ok = await call.transfer(targets[name])
+        return "The call was transferred." if ok else "The transfer did not go through."
+
+    return function_tool(
+        transfer_call,
+        raw_schema={
+            "name": "transfer_call",
+            "description": "Transfer the caller to a person or department when they ask for one.",
+            "parameters": {
+                "type": "object",
+                "properties": {"destination": {"type": "string", "enum": names}},
+                "required": ["destination"],
+            },
+        },
+    )
+
+
+class DtmfCollector:
+    """Digits until '#' or `timeout` seconds of quiet, then one user turn."""
+
+    def __init__(self, session: AgentSession, record: list[str], timeout: float) -> None:
+        self.session, self.record, self.timeout = session, record, timeout
+        self.digits = ""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def digit(self, digit: str) -> None:
+        logger.info("DTMF %s", digit)
+        self.record.append(digit)
+        self.digits += digit
+        if self._timer is not None:
+            self._timer.cancel()
+        if digit == "#":
+            self.flush()
+        else:
+            self._timer = asyncio.get_running_loop().call_later(self.timeout, self.flush)
+
+    def flush(self) -> None:
+        self._timer = None
+        digits, self.digits = self.digits, ""
+        if digits:
+            with contextlib.suppress(RuntimeError):  # the session closed meanwhile
+                self.session.generate_reply(
+                    user_input=f"The caller pressed {' '.join(digits)} on the keypad."
+                )
+
+
+async def serve_call(
+    call: Call,
+    config: Config,
+    models: ModelSet,
+    on_session: Callable[[Conversation], object] | None = None,
+) -> None:
+    """The conversation of one answered call, until either side hangs up."""
+    sid = f"sip-{next(_numbers)}"
+    logs.SESSION.set(sid)
+    logs.CALL_ID.set(call.call_id)
+    info: dict[str, Any] = {
+        "call_id": call.call_id,
+        "direction": "inbound" if call.inbound else "outbound",
+        "phone_number": call.number,
+        "display_name": call.caller.display,
+        "uri": call.caller.uri,
+        "headers": dict(call.headers),
+        "dtmf": [],
+    }
+    session = build_session(config, models, userdata={"call": info})
+    mic = CallAudioInput(f"sip-in:{call.call_id}")
+    speaker = CallAudioOutput(f"sip-out:{call.call_id}")
+    text = TextSink()
+    sync = TranscriptSynchronizer(next_in_chain_audio=speaker, next_in_chain_text=text)
+    session.input.audio = mic
+    session.output.audio = sync.audio_output
+    session.output.transcription = sync.text_output
+    dtmf = DtmfCollector(session, info["dtmf"], config.sip.dtmf_timeout)
+    call.on_audio, call.source, call.on_dtmf = mic.push, speaker.pull, dtmf.digit
+    closed = asyncio.Event()
+    session.on("close", lambda _: closed.set())
+    call.on_end = lambda reason: closed.set()
+    log_conversation(session)
+    targets = config.sip.transfer_targets
+    tools = [_transfer_tool(call, targets)] if targets else []
+    if on_session is not None:
+        manual = config.turn_detection == "manual"
+        on_session(Conversation(sid, "sip", session, text, manual=manual, call=call.call_id))
+    try:
+        await session.start(ApplianceAgent(config.agent, extra_tools=tools), record=False)
+        await closed.wait()
+    finally:
+        await session.aclose()  # at once when the caller hung up: nobody to finish for
+        await call.hangup("the agent ended the call")  # nothing if the call already ended
+        await sync.aclose()
+
+
+async def drain_call(session: AgentSession, call: Call, timeout: float) -> None:
+    """Shutdown: the agent finishes its sentence, then BYE."""
+    end_session(session, "the appliance is stopping")
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(call.ended.wait(), timeout)
+    await call.hangup("the appliance is stopping")
+
+
+async def serve_sip(
+    config: Callable[[], Config],
+    models: ModelSet,
+    stop: asyncio.Event,
+    *,
+    on_session: Callable[[Conversation], object] | None = None,
+    on_call: Callable[[Call, bool], object] | None = None,
+    ready: asyncio.Future[UserAgent] | None = None,
+) -> None:
+    """Answer (and place) calls until `stop`; then 503 to new calls, drain, BYE, unregister.
+
+    `on_call(call, started)` sees calls start and end; `ready` gets the user agent once it
+    listens (tests and `appliance dial` use it to place calls).
+    """
+    cfg = config().sip
+    try:
+        users = read_users(cfg.users_file) if cfg.users_file else None
+        password = (
+            Path(cfg.register_password_file).read_text().strip()
+            if cfg.register_password_file
+            else ""
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"[sip] credentials: {exc}") from None
+    sessions: dict[str, tuple[AgentSession, Call]] = {}
+    tasks: set[asyncio.Task[None]] = set()
+
+    def conversation_started(conv: Conversation) -> None:
+        call = ua.calls.get(conv.call or "")
+        if call is not None:
+            sessions[call.call_id] = (conv.session, call)
+        if on_session is not None:
+            on_session(conv)
+
+    async def run_call(call: Call) -> None:
+        if on_call is not None:
+            on_call(call, True)
+        try:
+            await serve_call(call, config(), models, conversation_started)
+        except Exception:
+            logger.exception("call %s failed", call.call_id)
+            await call.hangup("internal error")
+        finally:
+            sessions.pop(call.call_id, None)
+            if on_call is not None:
+                on_call(call, False)
+
+    def answered(call: Call) -> None:
+        task = asyncio.create_task(run_call(call), name=f"call {call.call_id}")
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    ua = UserAgent(cfg, answered, users=users, register_password=password)
+    await ua.start()
+    if ready is not None:
+        ready.set_result(ua)
+    try:
+        await stop.wait()
+    finally:
+        ua.stopping = True  # new INVITEs get 503 from now on
+        drain = config().service.drain_timeout
+        await asyncio.gather(
+            *(drain_call(s, c, drain) for s, c in list(sessions.values())),
+            return_exceptions=True,
+        )
+        if tasks:
+            await asyncio.wait(list(tasks), timeout=5)
+        await ua.stop()
