@@ -334,6 +334,53 @@ def cmd_run(args: argparse.Namespace) -> int:
     return service.run(config, args.config)
 
 
+def cmd_dial(args: argparse.Namespace) -> int:
+    """Place a call with the agent on it, from this process, until either side hangs up."""
+    import asyncio
+    import signal
+
+    from .sip.bridge import serve_sip
+    from .sip.message import SipError
+
+    config = _load_config(args.config)
+    sip = config.sip.model_copy(update={"enabled": True, "port": args.port})
+    config = config.model_copy(update={"sip": sip})
+    models = _load_models(config)
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        ready: asyncio.Future[Any] = loop.create_future()
+        bridge = asyncio.create_task(serve_sip(lambda: config, models, stop, ready=ready))
+        try:
+            await asyncio.wait([bridge, ready], return_when=asyncio.FIRST_COMPLETED)
+            if not ready.done():
+                bridge.result()  # raises why the bridge could not start
+            ua = ready.result()
+            try:
+                call = await ua.dial(args.uri, timeout=args.timeout)
+            except (ConnectionRefusedError, TimeoutError, OSError, SipError) as exc:
+                print(f"error: {args.uri}: {exc}", file=sys.stderr)
+                return 1
+            print(f"connected to {args.uri} (call {call.call_id})", file=sys.stderr)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, lambda: asyncio.ensure_future(call.hangup("Ctrl-C")))
+            await call.ended.wait()
+            print(f"call ended: {call.end_reason}", file=sys.stderr)
+            return 0
+        finally:
+            stop.set()
+            await bridge
+
+    try:
+        return asyncio.run(main())
+    except config_mod.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    finally:
+        models.close()
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import report, run_checks
 
@@ -463,6 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_devices)
 
+    p = sub.add_parser("dial", help="call a phone (SIP URI) and put the agent on the line")
+    p.add_argument("uri", help="sip:user@host[:port]")
+    p.add_argument("--config", default=None, help="config file ([sip], [agent], models)")
+    p.add_argument("--port", type=int, default=0, help="local SIP port (default: any free)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
+    p.set_defaults(func=cmd_dial)
+
     p = sub.add_parser("events", help="print the live events stream of a running appliance")
     p.add_argument("--config", default=None, help="config file (for [http] host, port, token)")
     p.add_argument("--url", default=None, help="ws://host:port/api/events (default: from config)")
@@ -497,13 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logs.setup(
-        logging.DEBUG
-        if args.verbose
-        else logging.INFO
-        if args.command == "run"
-        else logging.WARNING
-    )
+    talkative = args.command in ("run", "dial")  # a daemon, a call: say what happens
+    logs.setup(logging.DEBUG if args.verbose else logging.INFO if talkative else logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except (store.ModelError, DownloadError) as exc:

@@ -167,7 +167,7 @@ class SipConfig(_Section):
 
     enabled: bool = False
     listen: str = Field("0.0.0.0", min_length=1)
-    port: int = Field(5060, ge=1, le=65535)
+    port: int = Field(5060, ge=0, le=65535)  # 0: any free port (appliance dial)
     public_address: str = ""
     rtp_ports: tuple[int, int] = (10000, 20000)
     allow: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1"])

@@ -225,8 +225,39 @@ def check_gpio() -> Check:
     return Check("gpio/input", "ok", f"{len(paths)} GPIO/input devices accessible")
 
 
+def check_sip(config: Config) -> Check:
+    sip = config.sip
+    if not sip.enabled:
+        return Check("sip", "ok", "SIP bridge not enabled ([sip] enabled = false)")
+    for name, path in (
+        ("users_file", sip.users_file),
+        ("password file", sip.register_password_file),
+    ):
+        if path and not os.access(path, os.R_OK):
+            return Check(
+                "sip",
+                "fail",
+                f"[sip] {name} {path!r} is not readable",
+                "chmod 0640, group appliance",
+            )
+    family = socket.AF_INET6 if ":" in sip.listen else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((sip.listen, sip.port))
+        except OSError as exc:
+            return Check(
+                "sip",
+                "warn",
+                f"udp {sip.listen}:{sip.port} is taken ({exc.strerror}): by the running "
+                "appliance, or by another SIP program",
+                "if the appliance is not running, stop the other program or set [sip] port",
+            )
+    registration = f", registering {sip.register_uri}" if sip.register_uri else ""
+    return Check("sip", "ok", f"udp {sip.listen}:{sip.port} is free{registration}")
+
+
 def check_ports(config: Config) -> list[Check]:
-    checks = [Check("sip", "ok", "no SIP bridge configured")]
+    checks = [check_sip(config)]
     if config.http.enabled:
         host, port = config.http.host, config.http.port
         with socket.socket() as s:

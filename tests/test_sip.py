@@ -109,17 +109,19 @@ async def start_sipp(
             text = text.replace(f"[{key}]", value)
         (cwd / scenario).write_text(text)
         cmd += ["-sf", str(cwd / scenario)]
-    return await asyncio.create_subprocess_exec(
-        *cmd, *args, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
+    with (cwd / "sipp.out").open("ab") as out:  # a file: a full pipe would stall sipp
+        return await asyncio.create_subprocess_exec(
+            *cmd, *args, cwd=cwd, stdout=out, stderr=asyncio.subprocess.STDOUT
+        )
 
 
 async def finish(
     proc: asyncio.subprocess.Process, cwd: Path, timeout: float = 90
 ) -> tuple[int, str]:
-    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    await asyncio.wait_for(proc.wait(), timeout)
+    out = (cwd / "sipp.out").read_text(errors="replace")[-20000:]
     errors = "".join(p.read_text(errors="replace") for p in cwd.glob("*_errors.log"))
-    return int(proc.returncode or 0), out.decode(errors="replace") + errors
+    return int(proc.returncode or 0), out + errors
 
 
 async def sipp(cwd: Path, port: int, *args: str, **kw: Any) -> tuple[int, str]:
@@ -633,3 +635,106 @@ def test_a_baresip_phone_talks_both_ways_and_sends_dtmf(
     audio = resample(pcm, rate, 16000).astype(np.float32) / 32768
     heard, _ = transcribe(models.whisper, audio, "en")
     assert "hello" in heard.lower() and "capital" in heard.lower(), heard
+
+
+def test_a_caller_off_the_allow_list_needs_credentials(models: Any, tmp_path: Path) -> None:
+    port = free_udp_port()
+    users = tmp_path / "users"
+    users.write_text("# who may call from outside the allow-list\npbx:s3cret\n")
+
+    async def scenario(service: Recorder) -> dict[str, Any]:
+        good = await sipp(tmp_path, port, scenario="auth_call.xml", keys={"password": "s3cret"})
+        return {"good": good, "sessions": len(service.conversations)}
+
+    config = sip_config(port, allow=[], users_file=str(users))
+    out = run_sip(models, config, scenario)
+    assert out["good"][0] == 0, out["good"][1]
+    assert out["sessions"] == 1
+
+
+def test_no_credentials_and_off_the_list_is_forbidden(models: Any, tmp_path: Path) -> None:
+    port = free_udp_port()
+
+    async def scenario(service: Recorder) -> tuple[int, str]:
+        return await sipp(tmp_path, port, scenario="refused.xml", keys={"status": "403"})
+
+    code, out = run_sip(models, sip_config(port, allow=["10.0.0.0/8"]), scenario)
+    assert code == 0, out
+
+
+def test_info_dtmf_and_a_blind_transfer(models: Any, tmp_path: Path) -> None:
+    port = free_udp_port()
+    target = "sip:reception@192.0.2.10"
+
+    async def scenario(service: Recorder) -> dict[str, Any]:
+        caller = await start_sipp(
+            tmp_path, f"127.0.0.1:{port}", scenario="transfer.xml", keys={"target": target}
+        )
+        while not service_calls(service):
+            await asyncio.sleep(0.05)
+        call = service_calls(service)[0]
+        conv = service.conversations[0]
+        while "7" not in conv.session.userdata["call"]["dtmf"]:
+            await asyncio.sleep(0.05)
+        tools = [t.id for t in conv.session.current_agent.tools]
+        transferred = await call.transfer(target)  # what the agent's transfer_call tool does
+        code, out = await finish(caller, tmp_path)
+        return {
+            "transferred": transferred,
+            "code": code,
+            "out": out,
+            "reason": call.end_reason,
+            "tools": tools,
+        }
+
+    config = sip_config(port, transfer_targets={"reception": target})
+    out = run_sip(models, config, scenario)
+    assert out["code"] == 0, out["out"]
+    assert out["transferred"] is True and out["reason"] == f"transferred to {target}"
+    assert "transfer_call" in out["tools"]
+
+
+def test_appliance_dial_places_a_call_and_hangs_up_on_sigterm(tmp_path: Path) -> None:
+    """`appliance dial` as a user runs it, against `sipp -sn uas -rtp_echo`."""
+    import signal
+    import sys
+
+    echo_port = free_udp_port()
+    config = tmp_path / "dial.toml"
+    config.write_text('[session]\nturn_detection = "vad"\n[agent]\ngreeting = "Hello."\n')
+
+    async def main() -> dict[str, Any]:
+        uas = await start_sipp(tmp_path, None, "-sn", "uas", "-rtp_echo", port=echo_port)
+        await asyncio.sleep(0.5)
+        dial = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "appliance",
+            "dial",
+            f"sip:echo@127.0.0.1:{echo_port}",
+            "--config",
+            str(config),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert dial.stderr is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 60
+        while not any("user: Hello" in line for line in lines):  # it hears its own greeting
+            assert time.monotonic() < deadline, lines
+            with contextlib.suppress(asyncio.TimeoutError):
+                line = await asyncio.wait_for(dial.stderr.readline(), 5)
+                assert line, lines  # the process ended
+                lines.append(line.decode())
+        dial.send_signal(signal.SIGTERM)
+        _, rest = await asyncio.wait_for(dial.communicate(), 30)
+        return {
+            "code": dial.returncode,
+            "text": "".join(lines) + rest.decode(),
+            "uas": await finish(uas, tmp_path),
+        }
+
+    out = asyncio.run(main())
+    assert out["code"] == 0, out["text"]
+    assert f"connected to sip:echo@127.0.0.1:{echo_port}" in out["text"]
+    assert "call ended: Ctrl-C" in out["text"]
+    assert out["uas"][0] == 0, out["uas"][1]  # the callee saw a clean BYE
