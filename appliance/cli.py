@@ -422,6 +422,12 @@ def cmd_bench_audio(args: argparse.Namespace) -> int:
     return run_bench_audio(args, _load_config(args.config))
 
 
+def cmd_bench_sip(args: argparse.Namespace) -> int:
+    from .bench_sip import run_bench_sip
+
+    return run_bench_sip(args, _load_config(args.config))
+
+
 def cmd_bench_ptt(args: argparse.Namespace) -> int:
     from .bench_ptt import run_bench_ptt
 
@@ -546,6 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None)
     p.add_argument("--utterances", type=int, default=10)
     p.set_defaults(func=cmd_bench_ptt)
+
+    p = sub.add_parser("bench-sip", help="phone bridge: call set-up, RTP timing, concurrency")
+    p.add_argument("--json", dest="json_out", default="bench/sip.json")
+    p.add_argument("--config", default=None)
+    p.add_argument("--calls", default="1,2,3", help="concurrency levels, e.g. 1,2,3")
+    p.set_defaults(func=cmd_bench_sip)
     return parser
 
 
