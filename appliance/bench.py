@@ -95,18 +95,25 @@ def speech_end_of(pcm: np.ndarray, threshold: int = SPEECH_THRESHOLD) -> float:
     return (int(loud[-1]) + 1) / RATE if len(loud) else 0.0
 
 
-def make_utterances(models: ModelSet, count: int) -> list[Utterance]:
-    """`count` questions (cycling through QUESTIONS) spoken by the shared Piper voice."""
+def spoken_questions(models: ModelSet, count: int, rate: int = RATE) -> list[np.ndarray]:
+    """`count` questions (cycling through QUESTIONS) spoken by the shared Piper voice, at
+    `rate`, each after LEAD_SILENCE_S of silence."""
     from .fileaudio import resample
 
-    lead = np.zeros(int(LEAD_SILENCE_S * RATE), np.int16)
-    out = []
-    for i in range(count):
-        text = QUESTIONS[i % len(QUESTIONS)]
-        speech = resample(models.voice.synthesize(text), models.voice.sample_rate, RATE)
-        pcm = np.concatenate([lead, speech])
-        out.append(Utterance(text, pcm, speech_end_of(pcm)))
-    return out
+    lead = np.zeros(int(LEAD_SILENCE_S * rate), np.int16)
+    voice = models.voice
+    return [
+        np.concatenate([lead, resample(voice.synthesize(text), voice.sample_rate, rate)])
+        for text in (QUESTIONS[i % len(QUESTIONS)] for i in range(count))
+    ]
+
+
+def make_utterances(models: ModelSet, count: int) -> list[Utterance]:
+    """The questions as Utterances (16 kHz), with where each one's speech ends."""
+    return [
+        Utterance(QUESTIONS[i % len(QUESTIONS)], pcm, speech_end_of(pcm))
+        for i, pcm in enumerate(spoken_questions(models, count))
+    ]
 
 
 def stock_session(models: ModelSet) -> AgentSession:

@@ -183,7 +183,7 @@ def capture_cpu(processing: str, mic: np.ndarray, repeats: int = 5) -> dict[str,
     """CPU milliseconds per second of audio of the capture path at DEVICE_RATE."""
     from livekit import rtc
 
-    from .playout import Rechunker
+    from .liveio import Rechunker
     from .usbaudio import EchoCanceller
 
     device = resample(mic, RATE, DEVICE_RATE)
@@ -219,7 +219,7 @@ def _lag(reference: np.ndarray, delayed: np.ndarray, max_lag: int) -> int:
 
 def processing_delays(mic: np.ndarray) -> dict[str, float]:
     """Algorithmic delay (ms) of the 48 -> 16 kHz resampler and of the audio processing."""
-    from .playout import Rechunker
+    from .liveio import Rechunker
     from .usbaudio import EchoCanceller
 
     speech = mic[: RATE * 3]

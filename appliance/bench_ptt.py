@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .bench import QUESTIONS, machine_info, stage_seconds
+from .bench import QUESTIONS, machine_info, spoken_questions, stage_seconds
 from .bench_audio import LOUD, RATE, percentiles
 from .config import Config
 
@@ -113,7 +113,6 @@ async def _bench(
 def run_bench_ptt(args: argparse.Namespace, config: Config) -> int:
     """Measure, write `args.json_out`, print a summary."""
     from .audiosim import available, simulated_room
-    from .fileaudio import resample
     from .modelset import ModelSet
 
     if not available():
@@ -128,12 +127,7 @@ def run_bench_ptt(args: argparse.Namespace, config: Config) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     models = ModelSet(config)
     models.warm()
-    voice = models.voice
-    lead = np.zeros(int(0.3 * RATE), np.int16)
-    questions = [
-        np.concatenate([lead, resample(voice.synthesize(q), voice.sample_rate, RATE)])
-        for q in (QUESTIONS * 2)[: args.utterances]
-    ]
+    questions = spoken_questions(models, args.utterances)
     try:
         with simulated_room() as room:
             runs = asyncio.run(_bench(models, config, questions, room))

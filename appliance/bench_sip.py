@@ -28,10 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .bench import QUESTIONS, machine_info
+from .bench import QUESTIONS, machine_info, spoken_questions
 from .bench_audio import LOUD, percentiles
 from .config import Config
-from .fileaudio import resample
 
 if TYPE_CHECKING:
     from .modelset import ModelSet
@@ -216,12 +215,7 @@ def run_bench_sip(args: argparse.Namespace, config: Config) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     models = ModelSet(config)
     models.warm()
-    voice = models.voice
-    lead = np.zeros(int(0.3 * RATE), np.int16)
-    questions = [
-        np.concatenate([lead, resample(voice.synthesize(q), voice.sample_rate, RATE)])
-        for q in QUESTIONS
-    ]
+    questions = spoken_questions(models, len(QUESTIONS), RATE)
     levels = [int(n) for n in args.calls.split(",")]
     try:
         results = asyncio.run(_bench(models, config, questions, levels))

@@ -22,15 +22,13 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from livekit import rtc
-from livekit.agents.voice import io
 
-from .playout import Playout, Rechunker
+from .liveio import LiveInput, Playout, Rechunker
 
 if TYPE_CHECKING:
     import pyaudio
@@ -302,15 +300,12 @@ class _DeviceThread:
                 time.sleep(RETRY_S)
 
 
-class UsbMicrophone(io.AudioInput):
+class UsbMicrophone(LiveInput):
     """The session's microphone: 10 ms frames at 16 kHz, echo-cancelled."""
 
-    def __init__(self, cfg: AudioConfig, echo: EchoCanceller, *, queue_frames: int = 50) -> None:
-        super().__init__(label=f"usb-in:{cfg.input}")
+    def __init__(self, cfg: AudioConfig, echo: EchoCanceller) -> None:
+        super().__init__(f"usb-in:{cfg.input}")
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[tuple[rtc.AudioFrame, float]] = asyncio.Queue(
-            maxsize=queue_frames
-        )
         self._echo = echo
         self.device = _DeviceThread(
             cfg.input,
@@ -320,11 +315,8 @@ class UsbMicrophone(io.AudioInput):
             self._serve,
             priority=cfg.realtime_priority,
         )
-        self.frames = 0
-        self.attached = False  # frames reach the session only while it listens
+        self.frames = 0  # captured from the device
         self.latency_s = 0.0  # the device's input latency, as PortAudio reports it
-        # seconds from the device read to the session taking the frame, last 1000 frames
-        self.handoff_s: deque[float] = deque(maxlen=1000)
 
     def start(self) -> None:
         self.device.start()
@@ -346,27 +338,9 @@ class UsbMicrophone(io.AudioInput):
                 frame = rtc.AudioFrame(cleaned.tobytes(), SESSION_RATE, 1, block)
                 self._loop.call_soon_threadsafe(self._deliver, frame, read_at)
 
-    def on_attached(self) -> None:
-        self.attached = True
-
-    def on_detached(self) -> None:
-        """The session stopped listening (closed, or its audio input disabled): drop audio."""
-        self.attached = False
-        while not self._queue.empty():
-            self._queue.get_nowait()
-
     def _deliver(self, frame: rtc.AudioFrame, read_at: float) -> None:
-        self.frames += 1  # captured from the device
-        if not self.attached:
-            return  # a live microphone: what nobody listens to is lost
-        if self._queue.full():  # the reader stalled: keep the newest audio
-            self._queue.get_nowait()
-        self._queue.put_nowait((frame, read_at))
-
-    async def __anext__(self) -> rtc.AudioFrame:
-        frame, read_at = await self._queue.get()
-        self.handoff_s.append(time.monotonic() - read_at)
-        return frame
+        self.frames += 1
+        self.deliver(frame, read_at)
 
     def close(self) -> None:
         self.device.stop()

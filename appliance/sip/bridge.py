@@ -23,15 +23,14 @@ from typing import Any
 import numpy as np
 from livekit import rtc
 from livekit.agents import AgentSession, RunContext, function_tool
-from livekit.agents.voice import io
 from livekit.agents.voice.transcription.synchronizer import TranscriptSynchronizer
 
 from .. import logs
 from ..config import Config, ConfigError
 from ..converse import TextSink
 from ..events import Conversation
+from ..liveio import LiveInput, Playout, Rechunker
 from ..modelset import ModelSet
-from ..playout import Playout, Rechunker
 from ..session import ApplianceAgent, build_session, end_session, log_conversation
 from .rtp import RATE
 from .ua import Call, UserAgent, read_users
@@ -43,39 +42,22 @@ NETWORK_LATENCY_S = 0.06  # our packet to the caller's ear: network and their ji
 _numbers = itertools.count(1)
 
 
-class CallAudioInput(io.AudioInput):
+class CallAudioInput(LiveInput):
     """The caller, as the session hears them: 16 kHz, telephony noise suppression."""
 
     def __init__(self, label: str) -> None:
-        super().__init__(label=label)
-        self._queue: asyncio.Queue[rtc.AudioFrame] = asyncio.Queue(maxsize=100)
+        super().__init__(label, queue_frames=100)
         self._chunker = Rechunker(RATE, SESSION_RATE, BLOCK)
         self._apm = rtc.AudioProcessingModule(
             noise_suppression=True, high_pass_filter=True, auto_gain_control=True
         )
-        self.attached = False
-
-    def on_attached(self) -> None:
-        self.attached = True
-
-    def on_detached(self) -> None:
-        self.attached = False
-        while not self._queue.empty():
-            self._queue.get_nowait()
 
     def push(self, pcm8k: np.ndarray) -> None:
         """20 ms from the jitter buffer (on the event loop)."""
         for block in self._chunker.push(pcm8k, RATE):
             frame = rtc.AudioFrame(block.tobytes(), SESSION_RATE, 1, BLOCK)
             self._apm.process_stream(frame)
-            if not self.attached:
-                continue
-            if self._queue.full():
-                self._queue.get_nowait()
-            self._queue.put_nowait(frame)
-
-    async def __anext__(self) -> rtc.AudioFrame:
-        return await self._queue.get()
+            self.deliver(frame)
 
 
 class CallAudioOutput(Playout):

@@ -1,5 +1,12 @@
-"""An AudioOutput that a sink drains in fixed blocks: the USB speaker's device thread, a
-phone call's RTP clock. It follows livekit's AudioOutput contract (DESIGN.md section 5).
+"""Live audio for the bridges: a microphone that delivers frames as they come, and an
+AudioOutput that a sink drains in fixed blocks.
+
+`LiveInput`: frames reach the session only while it listens (attached); what arrives
+while it does not is dropped, as a live microphone's audio is lost, and a stalled reader
+loses the oldest frames, not the newest. Used by the USB microphone and a phone call.
+
+`Playout`: drained by the USB speaker's device thread or a phone call's RTP clock. It
+follows livekit's AudioOutput contract (DESIGN.md section 5).
 
 The session's frames are converted to the sink's rate and queued per segment (one reply).
 The sink calls `take()` for each block it plays, silence when there is nothing to play or
@@ -45,6 +52,42 @@ class Rechunker:
         blocks = [self._pending[i * self._block : (i + 1) * self._block] for i in range(n)]
         self._pending = self._pending[n * self._block :]
         return blocks
+
+
+class LiveInput(io.AudioInput):
+    """A live source's frames for the session (call `deliver` on the event loop)."""
+
+    def __init__(self, label: str, *, queue_frames: int = 50) -> None:
+        super().__init__(label=label)
+        self._queue: asyncio.Queue[tuple[rtc.AudioFrame, float]] = asyncio.Queue(
+            maxsize=queue_frames
+        )
+        self.attached = False  # frames reach the session only while it listens
+        # seconds from capture to the session taking the frame, last 1000 frames
+        self.handoff_s: deque[float] = deque(maxlen=1000)
+
+    def on_attached(self) -> None:
+        self.attached = True
+
+    def on_detached(self) -> None:
+        """The session stopped listening (closed, or its audio input disabled): drop audio."""
+        self.attached = False
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+    def deliver(self, frame: rtc.AudioFrame, captured_at: float | None = None) -> bool:
+        """Queue a frame for the session; False if nobody listens (it is dropped)."""
+        if not self.attached:
+            return False
+        if self._queue.full():  # the reader stalled: keep the newest audio
+            self._queue.get_nowait()
+        self._queue.put_nowait((frame, time.monotonic() if captured_at is None else captured_at))
+        return True
+
+    async def __anext__(self) -> rtc.AudioFrame:
+        frame, captured_at = await self._queue.get()
+        self.handoff_s.append(time.monotonic() - captured_at)
+        return frame
 
 
 @dataclass
