@@ -201,3 +201,21 @@ def test_the_jitter_buffer_reorders_drops_late_packets_and_conceals_losses() -> 
     assert [int(f[0]) for f in (jb.pop(), jb.pop()) if f is not None] == [400, 500]
     assert jb.lost == 1
     assert jb.pop() is None  # the peer went quiet: silence, not invented audio
+
+
+def test_calls_never_wait_for_a_button() -> None:
+    from appliance import config as config_mod
+    from appliance.sip.bridge import phone_config
+
+    kiosk = config_mod.parse(
+        {
+            "session": {"turn_detection": "manual"},
+            "audio": {"enabled": True},
+            "ptt": {"backend": "gpiod"},
+        },
+        "<test>",
+    )
+    assert kiosk.turn_detection == "manual"
+    assert phone_config(kiosk).turn_detection == "vad"
+    model = config_mod.parse({"session": {"turn_detection": "model"}}, "<test>")
+    assert phone_config(model).turn_detection == "model"

@@ -26,7 +26,7 @@ from livekit.agents import AgentSession, RunContext, function_tool
 from livekit.agents.voice.transcription.synchronizer import TranscriptSynchronizer
 
 from .. import logs
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, PttConfig
 from ..converse import TextSink
 from ..events import Conversation
 from ..liveio import LiveInput, Playout, Rechunker
@@ -130,6 +130,15 @@ class DtmfCollector:
                 )
 
 
+def phone_config(config: Config) -> Config:
+    """A caller has no push-to-talk button: calls ignore `[ptt]`, and turn on silence ("vad")
+    where `[session] turn_detection` is "manual"."""
+    session = config.session
+    if session.turn_detection == "manual":
+        session = session.model_copy(update={"turn_detection": "vad"})
+    return config.model_copy(update={"session": session, "ptt": PttConfig()})
+
+
 async def serve_call(
     call: Call,
     config: Config,
@@ -149,6 +158,7 @@ async def serve_call(
         "headers": dict(call.headers),
         "dtmf": [],
     }
+    config = phone_config(config)
     session = build_session(config, models, userdata={"call": info})
     mic = CallAudioInput(f"sip-in:{call.call_id}")
     speaker = CallAudioOutput(f"sip-out:{call.call_id}")
