@@ -288,7 +288,7 @@ class UserAgent:
         if self.config.register_uri:
             self._register_task = asyncio.create_task(self._keep_registered(), name="sip-register")
 
-    async def stop(self, drain: Callable[[], asyncio.Future[None]] | None = None) -> None:
+    async def stop(self) -> None:
         """No new calls (503); hang up the rest; unregister; close the socket."""
         self.stopping = True
         for call in list(self.calls.values()):
