@@ -335,7 +335,7 @@ async def _bench(
     return runs, idle
 
 
-def _pct(values: list[float], q: float) -> float | None:
+def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     return round(float(np.percentile(values, q, method="linear")), 1)
@@ -352,16 +352,16 @@ def summarise(runs: list[dict[str, Any]], idle: float, max_delay: float) -> dict
     stages: dict[str, float | None] = {}
     for key in STAGES:
         vals = [r["stages_ms"][key] for r in ok if r["stages_ms"].get(key) is not None]
-        stages[f"{key}_ms"] = _pct(vals, 50)
+        stages[f"{key}_ms"] = percentile(vals, 50)
     split = [r["breakdown_ms"] for r in ok if "breakdown_ms" in r]
-    parts = {k: _pct([b[k] for b in split], 50) for k, _, _ in BREAKDOWN}
+    parts = {k: percentile([b[k] for b in split], 50) for k, _, _ in BREAKDOWN}
     cpu = [r["cpu_s"] for r in runs if "cpu_s" in r]
     return {
         "n": len(ok),
         "failures": len(runs) - len(ok),
         "replies_before_end_of_speech": sum(1 for r in ok if r["reply_before_end_of_speech"]),
-        "p50_ms": _pct(totals, 50),
-        "p95_ms": _pct(totals, 95),
+        "p50_ms": percentile(totals, 50),
+        "p95_ms": percentile(totals, 95),
         "min_ms": min(totals) if totals else None,
         "max_ms": max(totals) if totals else None,
         "mean_ms": round(float(np.mean(totals)), 1) if totals else None,
@@ -586,7 +586,7 @@ def run_bench(args: argparse.Namespace, config: Config) -> int:
     results["paired_diff_ms"] = {
         "what": "appliance minus stock, per question, over questions both answered",
         "n": len(diffs),
-        "p50": _pct(diffs, 50),
+        "p50": percentile(diffs, 50),
         "mean": round(float(np.mean(diffs)), 1) if diffs else None,
     }
     results["questions"] = [

@@ -32,7 +32,7 @@ import numpy as np
 import psutil
 
 from . import models as store
-from .bench import machine_info
+from .bench import machine_info, percentile
 from .config import AudioConfig, Config
 from .fileaudio import resample
 from .manifest import load as load_manifest
@@ -350,13 +350,7 @@ async def _room_figures(room: Any, far: np.ndarray, word: np.ndarray) -> dict[st
 
 def percentiles(values: list[float]) -> dict[str, float | int | None]:
     """n, p50 and p95 (numpy linear) of `values`, rounded to 0.1."""
-    if not values:
-        return {"n": 0, "p50": None, "p95": None}
-    return {
-        "n": len(values),
-        "p50": round(float(np.percentile(values, 50)), 1),
-        "p95": round(float(np.percentile(values, 95)), 1),
-    }
+    return {"n": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95)}
 
 
 def _dbfs(pcm: np.ndarray) -> float:

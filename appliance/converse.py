@@ -17,13 +17,12 @@ from typing import Any
 
 import numpy as np
 from livekit.agents import AgentSession, llm
-from livekit.agents.voice import io
 from livekit.agents.voice.transcription.synchronizer import TranscriptSynchronizer
 
 from .config import Config
 from .fileaudio import Clock, RecordingAudioOutput, WavAudioInput, read_audio, write_wav
 from .modelset import ModelSet
-from .session import ApplianceAgent, build_session, end_session
+from .session import ApplianceAgent, build_session, connect_audio, end_session
 
 logger = logging.getLogger("appliance.converse")
 
@@ -35,28 +34,6 @@ SESSION_EVENTS = (
     "user_input_transcribed",
     "close",
 )
-
-
-class TextSink(io.TextOutput):
-    """Collects the agent's transcription text as it is played.
-
-    Behind livekit's TranscriptSynchronizer the text arrives in step with the speech;
-    `listeners` get each piece, and None when a reply segment ends.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(label="text-sink", next_in_chain=None)
-        self.text: list[str] = []
-        self.listeners: list[Callable[[str | None], None]] = []
-
-    async def capture_text(self, text: str) -> None:
-        self.text.append(text)
-        for listener in self.listeners:
-            listener(text)
-
-    def flush(self) -> None:
-        for listener in self.listeners:
-            listener(None)
 
 
 class EventLog:
@@ -127,10 +104,7 @@ def wire(
     events = EventLog(session, clock)
     mic = WavAudioInput(pcm, clock)
     speaker = RecordingAudioOutput(clock)
-    sync = TranscriptSynchronizer(next_in_chain_audio=speaker, next_in_chain_text=TextSink())
-    session.input.audio = mic
-    session.output.audio = sync.audio_output
-    session.output.transcription = sync.text_output
+    sync, _ = connect_audio(session, mic, speaker)
     return clock, mic, speaker, events, sync
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from livekit.agents import AgentSession
 
-    from .converse import TextSink
+    from .session import TextSink
 
 SCHEMA_VERSION = 1
 RECENT = 200  # messages replayed to a new subscriber

@@ -17,15 +17,19 @@ import logging
 from collections.abc import Callable
 
 from livekit.agents import AgentSession
-from livekit.agents.voice.transcription.synchronizer import TranscriptSynchronizer
 
 from . import logs
 from .config import Config
-from .converse import TextSink
 from .events import Conversation
 from .modelset import ModelSet
 from .ptt import PushToTalk
-from .session import ApplianceAgent, build_session, end_session, log_conversation
+from .session import (
+    ApplianceAgent,
+    build_session,
+    connect_audio,
+    end_session,
+    log_conversation,
+)
 from .usbaudio import UsbAudio
 
 logger = logging.getLogger("appliance.kiosk")
@@ -87,11 +91,7 @@ async def _one_session(
     session = build_session(
         config, models, aec_warmup_duration=config.audio.aec_warmup if aec else None
     )
-    text = TextSink()
-    sync = TranscriptSynchronizer(next_in_chain_audio=usb.speaker, next_in_chain_text=text)
-    session.input.audio = usb.microphone
-    session.output.audio = sync.audio_output
-    session.output.transcription = sync.text_output
+    sync, text = connect_audio(session, usb.microphone, usb.speaker)
     closed = asyncio.Event()
     session.on("close", lambda _: closed.set())
     log_conversation(session)

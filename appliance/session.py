@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from livekit.agents import Agent, AgentSession, RunContext, StopResponse, function_tool, llm
+from livekit.agents.voice import io
+from livekit.agents.voice.transcription.synchronizer import TranscriptSynchronizer
 from livekit.agents.voice.turn import TurnHandlingOptions
 
 from .config import AgentConfig, Config, SessionConfig
@@ -154,3 +156,43 @@ def log_conversation(session: AgentSession) -> None:
             logger.info("%s: %s", role, item.text_content, extra={"stage": "conversation"})
 
     session.on("conversation_item_added", added)
+
+
+class TextSink(io.TextOutput):
+    """Collects the agent's transcription text as it is played.
+
+    Behind livekit's TranscriptSynchronizer the text arrives in step with the speech;
+    `listeners` get each piece, and None when a reply segment ends.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(label="text-sink", next_in_chain=None)
+        self.text: list[str] = []
+        self.listeners: list[Callable[[str | None], None]] = []
+
+    async def capture_text(self, text: str) -> None:
+        self.text.append(text)
+        for listener in self.listeners:
+            listener(text)
+
+    def flush(self) -> None:
+        for listener in self.listeners:
+            listener(None)
+
+
+def connect_audio(
+    session: AgentSession, audio_in: io.AudioInput, audio_out: io.AudioOutput
+) -> tuple[TranscriptSynchronizer, TextSink]:
+    """Give a session its microphone and speaker, the speaker behind livekit's
+    TranscriptSynchronizer (an interrupted reply is stored truncated to what was played),
+    and a TextSink with the agent's words in step with its speech.
+
+    Close the synchronizer after the session (`await sync.aclose()`), or its tasks outlive
+    the conversation.
+    """
+    text = TextSink()
+    sync = TranscriptSynchronizer(next_in_chain_audio=audio_out, next_in_chain_text=text)
+    session.input.audio = audio_in
+    session.output.audio = sync.audio_output
+    session.output.transcription = sync.text_output
+    return sync, text

@@ -23,15 +23,19 @@ from typing import Any
 import numpy as np
 from livekit import rtc
 from livekit.agents import AgentSession, RunContext, function_tool
-from livekit.agents.voice.transcription.synchronizer import TranscriptSynchronizer
 
 from .. import logs
 from ..config import Config, ConfigError, PttConfig
-from ..converse import TextSink
 from ..events import Conversation
 from ..liveio import LiveInput, Playout, Rechunker
 from ..modelset import ModelSet
-from ..session import ApplianceAgent, build_session, end_session, log_conversation
+from ..session import (
+    ApplianceAgent,
+    build_session,
+    connect_audio,
+    end_session,
+    log_conversation,
+)
 from .rtp import RATE
 from .ua import Call, UserAgent, read_users
 
@@ -162,11 +166,7 @@ async def serve_call(
     session = build_session(config, models, userdata={"call": info})
     mic = CallAudioInput(f"sip-in:{call.call_id}")
     speaker = CallAudioOutput(f"sip-out:{call.call_id}")
-    text = TextSink()
-    sync = TranscriptSynchronizer(next_in_chain_audio=speaker, next_in_chain_text=text)
-    session.input.audio = mic
-    session.output.audio = sync.audio_output
-    session.output.transcription = sync.text_output
+    sync, text = connect_audio(session, mic, speaker)
     dtmf = DtmfCollector(session, info["dtmf"], config.sip.dtmf_timeout)
     call.on_audio, call.source, call.on_dtmf = mic.push, speaker.pull, dtmf.digit
     closed = asyncio.Event()
