@@ -72,6 +72,12 @@ def cmd_converse(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _load_config(args.file)
+    if config.livekit.enabled:
+        try:
+            config.livekit.secret()
+        except config_mod.ConfigError as exc:
+            print(f"error: {args.file}: {exc}", file=sys.stderr)
+            return EX_CONFIG
     print(f"{args.file}: ok (turn_detection={config.turn_detection!r})")
     if config.ptt.enabled and config.session.turn_detection != "manual":
         print(

@@ -1,7 +1,7 @@
 """The appliance's TOML configuration: schema, defaults and validation.
 
 One file, sections `[session]`, `[models]`, `[agent]`, `[audio]`, `[ptt]`, `[sip]`,
-`[service]` and `[http]`. `[session]` carries the options of
+`[livekit]`, `[service]` and `[http]`. `[session]` carries the options of
 the AgentSession reference with the reference's names and defaults; `session.turn_handling()`
 maps them onto livekit-agents 1.8.9's grouped options. Errors name the file, the key, the bad
 value and what is allowed.
@@ -9,6 +9,8 @@ value and what is allowed.
 
 from __future__ import annotations
 
+import os
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -223,6 +225,69 @@ class SipConfig(_Section):
         return value
 
 
+ROOM_FIELDS = ("source", "session", "call_id", "number", "host")
+CREDENTIAL_SECRET = "livekit-api-secret"  # a systemd credential (LoadCredential=) of this name
+
+
+class LivekitConfig(_Section):
+    """The LiveKit room bridge: each conversation also lives in a room on this server."""
+
+    enabled: bool = False
+    url: str = ""
+    api_key: str = ""
+    api_secret_file: str = ""
+    room: str = Field("{host}-{session}", min_length=1)
+    sources: list[Literal["sip", "usb"]] = Field(default_factory=lambda: ["sip", "usb"])  # type: ignore[arg-type]
+    join_wait: float = Field(2.0, ge=0.0, le=30.0)
+    connect_timeout: float = Field(5.0, ge=0.5, le=60.0)
+    retry_max: float = Field(30.0, ge=1.0, le=3600.0)
+    token_ttl: int = Field(3600, ge=60, le=86400)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and not value.startswith(("ws://", "wss://", "http://", "https://")):
+            raise ValueError("must be a ws://, wss://, http:// or https:// URL")
+        return value
+
+    @field_validator("room")
+    @classmethod
+    def _template(cls, value: str) -> str:
+
+        for _, name, _, _ in string.Formatter().parse(value):
+            if name is not None and name not in ROOM_FIELDS:
+                raise ValueError(
+                    f"unknown field {{{name}}}: use {', '.join('{' + f + '}' for f in ROOM_FIELDS)}"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> LivekitConfig:
+        if self.enabled and not (self.url and self.api_key):
+            raise ValueError("enabled = true needs url and api_key")
+        return self
+
+    def secret(self) -> str:
+        """The API secret: `api_secret_file`, else the systemd credential
+        `livekit-api-secret`; raises ConfigError when neither can be read."""
+
+        path = self.api_secret_file
+        if not path and os.environ.get("CREDENTIALS_DIRECTORY"):
+            path = str(Path(os.environ["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_SECRET)
+        if not path:
+            raise ConfigError(
+                "[livekit] api_secret_file is not set and there is no systemd credential "
+                f"{CREDENTIAL_SECRET!r}"
+            )
+        try:
+            secret = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"[livekit] api_secret_file = {path!r}: {exc.strerror}") from None
+        if not secret:
+            raise ConfigError(f"[livekit] api_secret_file = {path!r}: the file is empty")
+        return secret
+
+
 class ServiceConfig(_Section):
     """How `appliance run` behaves as a service."""
 
@@ -292,6 +357,7 @@ class Config(_Section):
     audio: AudioConfig = Field(default_factory=lambda: AudioConfig())
     ptt: PttConfig = Field(default_factory=lambda: PttConfig())
     sip: SipConfig = Field(default_factory=lambda: SipConfig())
+    livekit: LivekitConfig = Field(default_factory=lambda: LivekitConfig())
     service: ServiceConfig = Field(default_factory=lambda: ServiceConfig())
     http: HttpConfig = Field(default_factory=lambda: HttpConfig())
     source: str = Field(default="<defaults>", exclude=True)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from livekit.agents import AgentSession
 
+    from .room import RoomBridge
     from .session import TextSink
 
 SCHEMA_VERSION = 1
@@ -48,6 +49,7 @@ class Conversation:
     text: TextSink  # the agent's words, in step with its speech
     manual: bool = False  # turns end with commit_user_turn() (push-to-talk)
     call: str | None = None  # the SIP Call-ID of a phone call
+    room: RoomBridge | None = None  # its LiveKit room bridge (mode, room name, attempts)
 
 
 @dataclass

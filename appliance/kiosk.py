@@ -23,10 +23,11 @@ from .config import Config
 from .events import Conversation
 from .modelset import ModelSet
 from .ptt import PushToTalk
+from .room import conversation_bridge, kiosk_person
 from .session import (
     ApplianceAgent,
+    TextSink,
     build_session,
-    connect_audio,
     end_session,
     log_conversation,
 )
@@ -91,17 +92,28 @@ async def _one_session(
     session = build_session(
         config, models, aec_warmup_duration=config.audio.aec_warmup if aec else None
     )
-    sync, text = connect_audio(session, usb.microphone, usb.speaker)
+    text = TextSink()
+    bridge = conversation_bridge(
+        config,
+        session,
+        usb.microphone,
+        usb.speaker,
+        text,
+        source="usb",
+        sid=sid,
+        person=kiosk_person(),
+    )
     closed = asyncio.Event()
     session.on("close", lambda _: closed.set())
     log_conversation(session)
     if on_session is not None:
         manual = config.turn_detection == "manual"
-        on_session(Conversation(sid, "usb", session, text, manual=manual))
-    if ptt is not None:
-        ptt.attach(session, sid)  # the microphone opens only while the button is held
+        on_session(Conversation(sid, "usb", session, text, manual=manual, room=bridge))
     agent = ApplianceAgent(config.agent, turn_gate=ptt.should_reply if ptt else None)
     try:
+        await bridge.start()
+        if ptt is not None:
+            ptt.attach(session, sid)  # the microphone opens only while the button is held
         await session.start(agent, record=False)
         logger.info("kiosk session started", extra={"stage": "session"})
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(closed.wait())]
@@ -114,7 +126,7 @@ async def _one_session(
             await drain(session, closed, config.service.drain_timeout)
     finally:
         await session.aclose()
-        await sync.aclose()
+        await bridge.aclose()
 
 
 async def drain(session: AgentSession, closed: asyncio.Event, timeout: float) -> None:

@@ -22,6 +22,7 @@ import asyncio
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,8 @@ class LiveInput(io.AudioInput):
             maxsize=queue_frames
         )
         self.attached = False  # frames reach the session only while it listens
+        # while set (the conversation is in a LiveKit room), frames go here instead
+        self.tap: Callable[[rtc.AudioFrame], None] | None = None
         # seconds from capture to the session taking the frame, last 1000 frames
         self.handoff_s: deque[float] = deque(maxlen=1000)
 
@@ -77,6 +80,9 @@ class LiveInput(io.AudioInput):
 
     def deliver(self, frame: rtc.AudioFrame, captured_at: float | None = None) -> bool:
         """Queue a frame for the session; False if nobody listens (it is dropped)."""
+        if self.tap is not None:
+            self.tap(frame)
+            return False
         if not self.attached:
             return False
         if self._queue.full():  # the reader stalled: keep the newest audio
@@ -120,6 +126,8 @@ class Playout(io.AudioOutput):
         self.latency_s = 0.0  # from a block being taken to it being heard
         self.segments: list[dict[str, float | bool]] = []
         self.samples_taken = 0  # reply samples the sink has taken, at its rate
+        # while set (the conversation is in a LiveKit room), the sink plays this instead
+        self.feed: Callable[[int], np.ndarray] | None = None
 
     # -- what a sink defines --
 
@@ -226,6 +234,9 @@ class Playout(io.AudioOutput):
 
     def take(self, step: int) -> tuple[np.ndarray, Touched]:
         """The next block of `step` samples (silence when idle or paused)."""
+        feed = self.feed
+        if feed is not None:
+            return feed(step), []
         with self._lock:
             if self._paused or not self._queue:
                 return np.zeros(step, np.int16), []

@@ -155,6 +155,14 @@ class Service:
                     h = self.config.http
                     logger.error("http: cannot listen on %s:%d: %s", h.host, h.port, exc)
                     return 1
+            lk = self.config.livekit
+            if lk.enabled:
+                try:
+                    lk.secret()
+                except config_mod.ConfigError as exc:
+                    logger.error("%s: %s", self.config.source, exc)
+                    return EX_CONFIG
+                logger.info("LiveKit room bridge: %s for %s", lk.url, ", ".join(lk.sources))
             self._start_bridges(loaded, ptt)
             status = await self._listening()
             if status is not None:

@@ -181,7 +181,10 @@ class TextSink(io.TextOutput):
 
 
 def connect_audio(
-    session: AgentSession, audio_in: io.AudioInput, audio_out: io.AudioOutput
+    session: AgentSession,
+    audio_in: io.AudioInput,
+    audio_out: io.AudioOutput,
+    text: TextSink | None = None,
 ) -> tuple[TranscriptSynchronizer, TextSink]:
     """Give a session its microphone and speaker, the speaker behind livekit's
     TranscriptSynchronizer (an interrupted reply is stored truncated to what was played),
@@ -190,7 +193,7 @@ def connect_audio(
     Close the synchronizer after the session (`await sync.aclose()`), or its tasks outlive
     the conversation.
     """
-    text = TextSink()
+    text = text or TextSink()
     sync = TranscriptSynchronizer(next_in_chain_audio=audio_out, next_in_chain_text=text)
     session.input.audio = audio_in
     session.output.audio = sync.audio_output

@@ -29,10 +29,11 @@ from ..config import Config, ConfigError, PttConfig
 from ..events import Conversation
 from ..liveio import LiveInput, Playout, Rechunker
 from ..modelset import ModelSet
+from ..room import caller_person, conversation_bridge
 from ..session import (
     ApplianceAgent,
+    TextSink,
     build_session,
-    connect_audio,
     end_session,
     log_conversation,
 )
@@ -60,7 +61,8 @@ class CallAudioInput(LiveInput):
         """20 ms from the jitter buffer (on the event loop)."""
         for block in self._chunker.push(pcm8k, RATE):
             frame = rtc.AudioFrame(block.tobytes(), SESSION_RATE, 1, BLOCK)
-            self._apm.process_stream(frame)
+            if self.tap is None:  # in a room, the agent's RoomIO filters the caller
+                self._apm.process_stream(frame)
             self.deliver(frame)
 
 
@@ -166,7 +168,19 @@ async def serve_call(
     session = build_session(config, models, userdata={"call": info})
     mic = CallAudioInput(f"sip-in:{call.call_id}")
     speaker = CallAudioOutput(f"sip-out:{call.call_id}")
-    sync, text = connect_audio(session, mic, speaker)
+    text = TextSink()
+    bridge = conversation_bridge(
+        config,
+        session,
+        mic,
+        speaker,
+        text,
+        source="sip",
+        sid=sid,
+        person=caller_person(info),
+        call_id=call.call_id,
+        number=call.number,
+    )
     dtmf = DtmfCollector(session, info["dtmf"], config.sip.dtmf_timeout)
     call.on_audio, call.source, call.on_dtmf = mic.push, speaker.pull, dtmf.digit
     closed = asyncio.Event()
@@ -177,14 +191,17 @@ async def serve_call(
     tools = [_transfer_tool(call, targets)] if targets else []
     if on_session is not None:
         manual = config.turn_detection == "manual"
-        on_session(Conversation(sid, "sip", session, text, manual=manual, call=call.call_id))
+        on_session(
+            Conversation(sid, "sip", session, text, manual=manual, call=call.call_id, room=bridge)
+        )
     try:
+        await bridge.start()
         await session.start(ApplianceAgent(config.agent, extra_tools=tools), record=False)
         await closed.wait()
     finally:
         await session.aclose()  # at once when the caller hung up: nobody to finish for
         await call.hangup("the agent ended the call")  # nothing if the call already ended
-        await sync.aclose()
+        await bridge.aclose(hangup=True)
 
 
 async def drain_call(session: AgentSession, call: Call, timeout: float) -> None:
