@@ -41,7 +41,7 @@ logger = logging.getLogger("appliance.service")
 
 EX_CONFIG = 78
 LAG_TICK_S = 0.5  # how often the loop measures its own lag
-RELOADABLE = ("session", "agent", "service")
+RELOADABLE = ("session", "agent", "livekit", "service")
 NEEDS_RESTART = ("models", "audio", "ptt", "sip", "http")
 LOG_LEVELS = {
     "debug": logging.DEBUG,
@@ -355,6 +355,8 @@ class Service:
                 return
             try:
                 new = config_mod.load(self.config_path)
+                if new.livekit.enabled:
+                    new.livekit.secret()
             except config_mod.ConfigError as exc:
                 logger.error("reload failed, the running configuration stays: %s", exc)
                 return

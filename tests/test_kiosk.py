@@ -40,7 +40,13 @@ def kiosk_config(**audio: Any) -> config_mod.Config:
     )
 
 
-def run_kiosk(models: Any, config: config_mod.Config, scenario: Any, timeout: float = 60) -> Any:
+def run_kiosk(
+    models: Any,
+    config: config_mod.Config,
+    scenario: Any,
+    timeout: float = 60,
+    on_conversation: Any = None,
+) -> Any:
     """Run the kiosk with `scenario(usb, session)` as the test's script; returns its result."""
 
     async def main() -> Any:
@@ -48,8 +54,14 @@ def run_kiosk(models: Any, config: config_mod.Config, scenario: Any, timeout: fl
         usb = UsbAudio(config.audio)
         usb.start()
         sessions: list[Any] = []
+
+        def started(conv: Any) -> None:
+            sessions.append(conv)
+            if on_conversation is not None:
+                on_conversation(conv)
+
         kiosk = asyncio.create_task(
-            serve_usb(lambda: config, models, stop, usb=usb, on_session=sessions.append)
+            serve_usb(lambda: config, models, stop, usb=usb, on_session=started)
         )
         try:
             assert await usb.wait_connected(10)

@@ -25,10 +25,13 @@ import numpy as np
 import pytest
 from livekit import api, rtc
 
+from appliance import audiosim
 from appliance import room as room_mod
 from appliance.config import ConfigError, LivekitConfig, parse
 from appliance.liveio import LiveInput, Playout
+from appliance.usbaudio import UsbAudio
 
+from .test_kiosk import kiosk_config, rms, run_kiosk
 from .test_sip import (
     SIPP,
     Recorder,
@@ -470,3 +473,58 @@ def test_a_call_through_a_real_livekit_server(
     assert out["mode_after_drop"] == "direct" and out["up"]
     user = " ".join(t.lower() for r, t in out["after_drop"] if r == "user")
     assert "still here" in user, out["after_drop"]
+
+
+@pytest.mark.skipif(not audiosim.available(), reason="needs pulseaudio")
+def test_a_kiosk_conversation_in_a_room_that_drops_goes_on_on_the_sound_card(
+    models: Any,
+    speak: Callable[..., np.ndarray],
+    room: audiosim.Room,
+    secret_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    links: list[StandInLink] = []
+
+    async def connect(*args: Any) -> StandInLink:
+        links.append(StandInLink())
+        if len(links) > 1:
+            raise ConnectionRefusedError("the server is still down")
+        return links[-1]
+
+    monkeypatch.setattr(room_mod.RoomLink, "connect", connect)
+    lk = {"enabled": True, "url": "ws://127.0.0.1:9", "api_key": KEY}
+    config = kiosk_config().model_copy(
+        update={"livekit": LivekitConfig(**lk, api_secret_file=str(secret_file))}
+    )
+    bridges: list[Any] = []
+
+    async def scenario(usb: UsbAudio, session: Any) -> dict[str, Any]:
+        await asyncio.sleep(1.0)
+        bridge = next(b for b in bridges if b is not None)
+        out: dict[str, Any] = {"mode_before": bridge.mode, "published": links[0].published}
+        links[0].dropped.set()
+        await asyncio.sleep(0.5)
+        out["mode_after"] = bridge.mode
+        played_before = len(room.played) // 2
+        room.say(speak("What is the capital of France?"))
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            replies = [i for i in session.history.items if getattr(i, "role", None) == "assistant"]
+            if replies and session.agent_state == "listening" and not usb.speaker.playing:
+                break
+            await asyncio.sleep(0.1)
+        out["reply"] = room.played_pcm(played_before)
+        out["items"] = [
+            (i.role, i.text_content or "")
+            for i in session.history.items
+            if getattr(i, "role", None) in ("user", "assistant")
+        ]
+        return out
+
+    out = run_kiosk(models, config, scenario, on_conversation=lambda c: bridges.append(c.room))
+    assert out["mode_before"] == "room" and out["mode_after"] == "direct"
+    assert out["published"] > 20  # 10 ms frames from the USB microphone, while in the room
+    user = [t for r, t in out["items"] if r == "user"]
+    assert user and "capital" in user[0].lower(), out["items"]
+    assert any(r == "assistant" and t for r, t in out["items"])
+    assert rms(out["reply"]) > 300  # out of the USB speaker again
