@@ -63,6 +63,7 @@ class SessionStats:
     user_state: str = "listening"
     turns: int = 0
     voice_to_voice_ms: list[float] = field(default_factory=list)
+    room: RoomBridge | None = None
 
     def summary(self) -> dict[str, Any]:
         v2v = self.voice_to_voice_ms
@@ -77,6 +78,11 @@ class SessionStats:
             "turns": self.turns,
             "last_voice_to_voice_ms": v2v[-1] if v2v else None,
             "p50_voice_to_voice_ms": round(statistics.median(v2v), 1) if v2v else None,
+            "room": (
+                {"name": self.room.room, "mode": self.room.mode}
+                if self.room is not None and self.room.room
+                else None
+            ),
         }
 
 
@@ -141,12 +147,16 @@ class EventHub:
     def observe(self, conv: Conversation) -> None:
         """Publish this conversation's events until it closes."""
         sid, call = conv.id, conv.call
-        stats = SessionStats(sid, conv.bridge, conv.manual, call, time.time())
+        stats = SessionStats(sid, conv.bridge, conv.manual, call, time.time(), room=conv.room)
         self.sessions[sid] = stats
         session = conv.session
 
         def pub(type_: str, **data: Any) -> None:
             self.publish(type_, sid, call, **data)
+
+        bridge = conv.room
+        if bridge is not None:
+            bridge.listeners.append(lambda mode: pub("room", name=bridge.room, mode=mode))
 
         def agent_state(ev: Any) -> None:
             stats.agent_state = ev.new_state

@@ -453,6 +453,7 @@ class RoomBridge:
         self.link: Link | None = None
         self.attempts: list[dict[str, Any]] = []  # every try: when, how long, the outcome
         self.switches: list[tuple[float, str]] = []  # (monotonic time, mode)
+        self.listeners: list[Callable[[str], None]] = []  # each mode change (events stream)
         self._syncs: list[TranscriptSynchronizer] = []
         self._task: asyncio.Task[None] | None = None
         self._first = asyncio.Event()
@@ -485,6 +486,9 @@ class RoomBridge:
     def _set_mode(self, mode: Literal["room", "direct"]) -> None:
         self.mode = mode
         self.switches.append((time.monotonic(), mode))
+        if self.room:
+            for listener in self.listeners:
+                listener(mode)
 
     async def _run(self) -> None:
         assert self._connect is not None

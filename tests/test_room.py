@@ -20,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import jsonschema
 import jwt
 import numpy as np
 import pytest
@@ -42,6 +43,7 @@ from .test_sip import (
     sip_config,
     start_sipp,
 )
+from .test_web import SCHEMA
 
 KEY, SECRET = "APIappliancetest", "s" * 24 + "ecret-for-tests-only-0123"
 
@@ -366,6 +368,7 @@ def test_a_room_that_drops_mid_call_leaves_the_call_running_and_is_rejoined(
             attempts=list(bridge.attempts),
             greeting=links[0].output.segments if links[0].output else [],
             published=links[0].published,
+            snapshot=service.events.snapshot(),
         )
         await call.hangup("test done")
         out["uas"] = await finish(uas, tmp_path)
@@ -385,6 +388,11 @@ def test_a_room_that_drops_mid_call_leaves_the_call_running_and_is_rejoined(
     assert outcomes[0] == "joined" and outcomes[1].startswith("failed") and outcomes[2] == "joined"
     assert tries[2] - tries[1] >= 2 * room_mod.RETRY_MIN_S  # the backoff grew
     assert links[0].closed is False and links[1].closed is True  # hangup marked on leaving
+    jsonschema.validate(out["snapshot"], SCHEMA)  # the events API shows the room and its mode
+    rooms = [s["room"] for s in out["snapshot"]["data"]["sessions"]]
+    assert rooms[-1]["mode"] == "room" and rooms[-1]["name"].startswith("call-"), rooms
+    events = [m for m in out["snapshot"]["data"]["recent"] if m["type"] == "room"]
+    assert [m["data"]["mode"] for m in events] == ["room", "direct", "room"], events
 
 
 # -- a real server -----------------------------------------------------------------------

@@ -172,7 +172,7 @@ def test_the_page_shows_the_conversation_and_the_states(
     assert out["latency"].startswith("last reply: ") and out["latency"].endswith(" ms")
     assert "whisper/tiny.en" in out["models"]
     assert out["button_visible"] is False  # not manual: no push-to-talk button
-    assert out["operator"] and out["operator"][0][3] != "0"  # a session with turns
+    assert out["operator"] and out["operator"][0][4] != "0"  # a session with turns
     types = validate(seen)
     for needed in (
         "snapshot",

@@ -20,12 +20,13 @@ function draw() {
   body.textContent = "";
   for (const s of sessions.values()) {
     const row = document.createElement("tr");
-    const cells = [s.session, s.bridge, s.call || "", s.turns, s.agent_state, s.user_state,
-      ms(s.last), ms(median(s.v2v))];
+    const room = s.room ? s.room.name + " (" + s.room.mode + ")" : "";
+    const cells = [s.session, s.bridge, s.call || "", room, s.turns, s.agent_state,
+      s.user_state, ms(s.last), ms(median(s.v2v))];
     cells.forEach((text, i) => {
       const td = document.createElement("td");
       td.textContent = text;
-      if (i >= 6) td.className = "num";
+      if (i >= 7) td.className = "num";
       row.appendChild(td);
     });
     body.appendChild(row);
@@ -54,9 +55,11 @@ function handle(msg) {
     const s = sessions.get(msg.session);
     if (msg.type === "session_started") {
       sessions.set(msg.session, { session: msg.session, bridge: d.bridge, call: msg.call,
-        turns: 0, agent_state: "initializing", user_state: "listening", last: null, v2v: [] });
+        room: null, turns: 0, agent_state: "initializing", user_state: "listening", last: null, v2v: [] });
     } else if (msg.type === "session_ended") {
       sessions.delete(msg.session);
+    } else if (s && msg.type === "room") {
+      s.room = { name: d.name, mode: d.mode };
     } else if (s && msg.type === "agent_state_changed") {
       s.agent_state = d.new;
     } else if (s && msg.type === "user_state_changed") {
