@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import platform
+import re
 import resource
 import shlex
 import sys
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import psutil
 
+from . import trace
 from .config import Config
 
 if TYPE_CHECKING:
@@ -75,7 +77,7 @@ STOCK_OPTIONS: dict[str, Any] = {
     "min_interruption_duration": 0.5,
     "min_interruption_words": 0,
 }
-STAGES = ("end_of_turn", "stt", "llm_ttft", "llm_ttfs", "tts_ttfb", "other", "livekit_e2e")
+STAGES = ("end_of_turn", "stt", "llm_ttft", "llm_ttfs", "tts_ttfb", "livekit_e2e")
 
 SessionFactory = Callable[[], "AgentSession"]
 
@@ -121,17 +123,19 @@ def stock_session(models: ModelSet) -> AgentSession:
 
     Whisper runs as livekit runs any batch STT: wrapped in `stt.StreamAdapter` with the
     session's VAD (what `Agent.default.stt_node` does for a non-streaming STT), so each
-    VAD segment is transcribed once at its end, with no interim transcripts. The turn
+    VAD segment is transcribed once at its end, with no interim transcripts, in Whisper's
+    full 30 s window; the TTS gets sentences, as livekit cuts them for a non-streaming
+    TTS. The turn
     detector is livekit's local turn-detector-v1-mini. Call inside the running event loop.
     """
     from livekit.agents import AgentSession, inference, stt
 
     vad = models.vad()
     return AgentSession(
-        stt=stt.StreamAdapter(stt=models.stt(segment_with_vad=False), vad=vad),
+        stt=stt.StreamAdapter(stt=models.stt(segment_with_vad=False, window="full"), vad=vad),
         vad=vad,
         llm=models.llm(),
-        tts=models.tts(),
+        tts=models.tts(chunks="sentence"),
         turn_detection=inference.TurnDetector(version="v1-mini"),
         **STOCK_OPTIONS,
     )
@@ -183,36 +187,37 @@ def stage_seconds(metrics: list[dict[str, Any]]) -> dict[str, float | None]:
 
 
 BREAKDOWN = (
-    ("stt", "STT (transcript after end of speech)", "#4e79a7"),
-    ("turn", "end of turn (decision after transcript)", "#a0cbe8"),
-    ("llm_ttft", "LLM first token", "#f28e2b"),
-    ("llm_sentence", "LLM rest of first sentence", "#ffbe7d"),
-    ("tts_ttfb", "TTS first audio", "#59a14f"),
-    ("other", "other (VAD offset, scheduling, playout)", "#bab0ac"),
+    ("stt", "STT: the transcript the reply is built on", "#4e79a7"),
+    ("llm_first_token", "LLM first token", "#f28e2b"),
+    ("llm_first_chunk", "LLM first chunk for the TTS", "#ffbe7d"),
+    ("tts_first_audio", "TTS first audio", "#59a14f"),
+    ("turn_and_playout", "end-of-turn wait, playout", "#bab0ac"),
 )
 
 
-def breakdown(total: float, s: dict[str, float | None]) -> dict[str, float] | None:
-    """One run's latency as consecutive parts that add up to `total` (None if incomplete).
+_WORD_RE = re.compile(r"[a-z0-9']+")
 
-    livekit measures transcription and the end-of-turn decision both from the end of speech,
-    so STT is the first part of the end-of-turn wait; the LLM's first sentence (which the
-    non-streaming TTS waits for) follows the decision, then the TTS's first audio.
-    """
-    eot, ttft, tts = s["end_of_turn"], s["llm_ttft"], s["tts_ttfb"]
-    if eot is None or ttft is None or tts is None:
+
+def word_error_rate(reference: str, hypothesis: str) -> float | None:
+    """Word-level edit distance / reference words (lower case, punctuation ignored)."""
+    ref, hyp = _WORD_RE.findall(reference.lower()), _WORD_RE.findall(hypothesis.lower())
+    if not ref:
         return None
-    stt = min(s["stt"] if s["stt"] is not None else 0.0, eot)
-    ttfs = max(s["llm_ttfs"] if s["llm_ttfs"] is not None else ttft, ttft)
-    parts = {
-        "stt": stt,
-        "turn": eot - stt,
-        "llm_ttft": ttft,
-        "llm_sentence": ttfs - ttft,
-        "tts_ttfb": tts,
-    }
-    parts["other"] = total - sum(parts.values())
-    return parts
+    row = list(range(len(hyp) + 1))
+    for i, word in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, other in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (word != other))
+    return row[-1] / len(ref)
+
+
+def _heard_back(models: ModelSet, pcm: np.ndarray, rate: int) -> str:
+    """The reply's audio transcribed with Whisper's full window (the garble check)."""
+    from .fileaudio import resample
+    from .plugins.whisper_stt import transcribe
+
+    audio = resample(pcm, rate, RATE).astype(np.float32) / 32768.0
+    return transcribe(models.whisper, audio, "en", window="full")[0]
 
 
 def _ms(value: float | None) -> float | None:
@@ -264,12 +269,17 @@ async def run_once(
     record["reply_before_end_of_speech"] = earliest is not None and earliest < end
     total = first - end
     stages = stage_seconds(result.metrics)
-    parts = breakdown(total, stages)
-    stages["other"] = parts["other"] if parts else None
+    parts = trace.critical_path(result.origin + end, result.origin + first)
     record["v2v_ms"] = _ms(total)
     record["stages_ms"] = {k: _ms(stages.get(k)) for k in STAGES}
     if parts:
         record["breakdown_ms"] = {k: _ms(v) for k, v in parts.items()}
+    record["stt_wer"] = word_error_rate(utt.text, record["heard"])
+    reply_pcm = result.reply_pcm[int(first * result.reply_rate) :]
+    record["reply_heard"] = await loop.run_in_executor(
+        models.stt_executor, _heard_back, models, reply_pcm, result.reply_rate
+    )
+    record["reply_wer"] = word_error_rate(record["reply"], record["reply_heard"])
     return record
 
 
@@ -356,6 +366,11 @@ def summarise(runs: list[dict[str, Any]], idle: float, max_delay: float) -> dict
     split = [r["breakdown_ms"] for r in ok if "breakdown_ms" in r]
     parts = {k: percentile([b[k] for b in split], 50) for k, _, _ in BREAKDOWN}
     cpu = [r["cpu_s"] for r in runs if "cpu_s" in r]
+
+    def mean_of(key: str) -> float | None:
+        vals = [r[key] for r in ok if r.get(key) is not None]
+        return round(float(np.mean(vals)), 4) if vals else None
+
     return {
         "n": len(ok),
         "failures": len(runs) - len(ok),
@@ -367,6 +382,8 @@ def summarise(runs: list[dict[str, Any]], idle: float, max_delay: float) -> dict
         "mean_ms": round(float(np.mean(totals)), 1) if totals else None,
         "stages": stages,
         "breakdown_p50_ms": parts,
+        "stt_wer": mean_of("stt_wer"),
+        "reply_wer": mean_of("reply_wer"),
         "end_of_turn_at_max_delay": sum(
             1 for r in ok if (r["stages_ms"]["end_of_turn"] or 0) >= 0.98 * max_delay * 1000
         ),
@@ -494,10 +511,11 @@ def _print_summary(results: dict[str, Any]) -> None:
             f"(ok {r['n']}, failures {r['failures']}, CPU {r['cpu_s']} s, "
             f"idle CPU {r['idle_cpu_percent']} %)"
         )
-        st = r["stages"]
+        parts = ", ".join(f"{k} {v}" for k, v in r["breakdown_p50_ms"].items())
+        print(f"             critical path p50 ms: {parts}")
         print(
-            f"             stage p50 ms: end of turn {st['end_of_turn_ms']}, STT {st['stt_ms']}, "
-            f"LLM first token {st['llm_ttft_ms']}, TTS first audio {st['tts_ttfb_ms']}"
+            f"             word error rate: STT {r['stt_wer']}, "
+            f"reply transcribed back {r['reply_wer']}"
         )
     print(f"  ratio p50 (appliance / stock): {results['ratio_p50']}")
     print(

@@ -46,14 +46,16 @@ class _Section(BaseModel):
 
 
 class SessionConfig(_Section):
-    """The AgentSession reference's options, with the reference's defaults."""
+    """The AgentSession reference's options, with the reference's defaults except
+    `min_endpointing_delay` and `preemptive_generation` (tuned for latency)."""
 
     allow_interruptions: bool = True
     min_interruption_duration: float = Field(0.5, ge=0.0, le=10.0)
     min_interruption_words: int = Field(0, ge=0, le=50)
-    min_endpointing_delay: float = Field(0.5, ge=0.0, le=10.0)
+    # the two latency defaults that differ from the reference (0.5 s and false): see README
+    min_endpointing_delay: float = Field(0.3, ge=0.0, le=10.0)
     max_endpointing_delay: float = Field(3.0, ge=0.0, le=30.0)
-    preemptive_generation: bool = False
+    preemptive_generation: bool = True
     turn_detection: Literal["model", "vad", "stt", "manual"] = "model"
     userdata: dict[str, Any] = Field(default_factory=dict)
     user_away_timeout: float | None = Field(15.0, ge=0.0)
@@ -80,6 +82,10 @@ class ModelsConfig(_Section):
     llm_gpu_layers: int = Field(0, ge=-1, le=1000)
     llm_temperature: float = Field(0.3, ge=0.0, le=2.0)
     stt_interim_interval: float = Field(0.0, ge=0.0, le=10.0)
+    stt_window: Literal["fit", "full"] = "fit"
+    llm_threads: int = Field(0, ge=0, le=64)
+    stt_preflight: float = Field(0.05, ge=0.0, le=2.0)
+    tts_chunks: Literal["clause", "sentence"] = "clause"
     verify: bool = True
 
     @model_validator(mode="after")

@@ -61,6 +61,7 @@ class ConverseResult:
     reply_rate: int
     input_start: float
     input_seconds: float
+    origin: float  # the timeline's zero, on the event loop's (monotonic) clock
     events: EventLog
     segments: list[dict[str, Any]] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
@@ -156,6 +157,7 @@ async def converse(
         reply_rate=speaker.rate or 16000,
         input_start=mic.start_at,
         input_seconds=len(pcm) / 16000,
+        origin=clock.origin,
         events=events,
         segments=speaker.segments,
         metrics=metrics,

@@ -80,7 +80,7 @@ class ModelSet:
         self.llama = LocalLlama(
             str(path(cfg.llm, ".gguf")),
             n_ctx=cfg.llm_context,
-            threads=cfg.threads,
+            threads=cfg.llm_threads or cfg.threads,
             gpu_layers=cfg.llm_gpu_layers,
         )
         timed("llm", t)
@@ -121,7 +121,8 @@ class ModelSet:
 
         return inference.VAD(model="silero")
 
-    def stt(self, *, segment_with_vad: bool = True) -> WhisperSTT:
+    def stt(self, *, segment_with_vad: bool = True, window: str | None = None) -> WhisperSTT:
+        """`window` ("fit" or "full") overrides [models] stt_window."""
         from .plugins.whisper_stt import WhisperSTT
 
         return WhisperSTT(
@@ -130,6 +131,8 @@ class ModelSet:
             vad=self.vad() if segment_with_vad else None,
             model_name=self.config.models.stt.split("/", 1)[1],
             interim_interval=self.config.models.stt_interim_interval,
+            window=window or self.config.models.stt_window,
+            preflight_after=self.config.models.stt_preflight if segment_with_vad else 0.0,
         )
 
     def llm(self, tool_choice: ToolChoice | None = None) -> LlamaLLM:
@@ -145,13 +148,15 @@ class ModelSet:
             tool_choice=tool_choice,
         )
 
-    def tts(self) -> PiperTTS:
+    def tts(self, *, chunks: str | None = None) -> PiperTTS:
+        """`chunks` ("clause" or "sentence") overrides [models] tts_chunks."""
         from .plugins.piper_tts import PiperTTS
 
         return PiperTTS(
             self.voice,
             model_name=self.config.models.tts.split("/", 1)[1],
             executor=self.tts_executor,
+            clauses=(chunks or self.config.models.tts_chunks) == "clause",
         )
 
     def turn_detector(self, name: str | None = None) -> _StreamingTurnDetector:

@@ -110,7 +110,14 @@ def turn_handling(
             "min_duration": session.min_interruption_duration,
             "min_words": session.min_interruption_words,
         },
-        "preemptive_generation": {"enabled": session.preemptive_generation},
+        # preemptive: the LLM and the TTS start on the STT's first transcript of a pause
+        # (our Whisper's preflight), before the turn is confirmed; a user who pauses more
+        # than once in a turn gets a fresh attempt each time
+        "preemptive_generation": {
+            "enabled": session.preemptive_generation,
+            "preemptive_tts": session.preemptive_generation,
+            "max_retries": 6,
+        },
     }
 
 

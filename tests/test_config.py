@@ -23,9 +23,13 @@ REFERENCE_DEFAULTS = {
 }
 
 
-def test_defaults_are_the_reference_defaults() -> None:
+# The defaults that differ from the reference, for latency (README, Latency).
+LATENCY_DEFAULTS = {"min_endpointing_delay": 0.3, "preemptive_generation": True}
+
+
+def test_defaults_are_the_reference_defaults_but_two() -> None:
     session = config_mod.Config().session
-    for key, value in REFERENCE_DEFAULTS.items():
+    for key, value in {**REFERENCE_DEFAULTS, **LATENCY_DEFAULTS}.items():
         assert getattr(session, key) == value, key
     assert session.turn_detection == "model"
     assert session.userdata == {}
@@ -141,7 +145,11 @@ def test_turn_handling_mapping() -> None:
         "min_duration": 0.8,
         "min_words": 2,
     }
-    assert handling["preemptive_generation"] == {"enabled": True}
+    assert handling["preemptive_generation"] == {
+        "enabled": True,
+        "preemptive_tts": True,
+        "max_retries": 6,
+    }
     marker = object()
     model = config_mod.Config().session
     assert turn_handling(model, detector=marker)["turn_detection"] is marker
@@ -165,7 +173,7 @@ def test_session_options_reach_agentsession_without_deprecation(models, caplog) 
         session = build_session(cfg, models)
         assert session.options.endpointing["min_delay"] == 0.7
         assert session.options.interruption["min_words"] == 3
-        assert session.options.preemptive_generation["enabled"] is False
+        assert session.options.preemptive_generation["enabled"] is True
         await session.aclose()
 
     with warnings.catch_warnings():

@@ -31,6 +31,8 @@ from livekit.agents.types import (
 from llama_cpp import Llama, LlamaGrammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from .. import trace
+
 logger = logging.getLogger("appliance.llm")
 
 _TOOL_CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*(?:</tool_call>|$)", re.S)
@@ -239,6 +241,7 @@ class LlamaStream(llm.LLMStream):
         offered = schemas if choice not in (None, "none") else None
         tokens, stop = local.prompt(messages, offered)
         cached = Llama.longest_token_prefix(local.llama._input_ids.tolist(), tokens)
+        trace.mark("llm.start")
         stream: Iterator[Any] = local.llama.create_completion(  # type: ignore[assignment]
             tokens,
             max_tokens=self._owner._max_tokens,
@@ -256,6 +259,8 @@ class LlamaStream(llm.LLMStream):
                     break
                 piece = chunk["choices"][0]["text"]
                 completion_tokens += 1
+                if completion_tokens == 1:
+                    trace.mark("llm.first_token")
                 text += piece
                 if mode == "undecided":
                     mode = _call_or_text(text.lstrip())

@@ -25,14 +25,19 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from livekit.agents import APIError, tts, utils
+from livekit.agents import APIError, tokenize, tts, utils
+from livekit.agents.tokenize.token_stream import BufferedSentenceStream
+from livekit.agents.tokenize.tokenizer import SentenceStream
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, APIConnectOptions
+
+from .. import trace
 
 logger = logging.getLogger(__name__)
 
 _PAD, _BOS, _EOS = "_", "^", "$"
 _MAX_LINE_CHARS = 300  # espeak-ng loses words on very long input lines: wrap clauses shorter
 _ESPEAK_TIMEOUT_S = 30.0
+_SILENCE_LEVEL = 100  # int16: below this the voice is silent (about -50 dBFS)
 # Clause punctuation: an ellipsis, a run of sentence marks, , ; :, or a spaced dash; it only
 # counts when followed by closing quotes/brackets and then whitespace or the end of the text
 # (so "3.5", "10:30", "1,000" and "e.g.x" stay inside their clause).
@@ -114,6 +119,64 @@ def _wrap(clause: str) -> list[str]:
     if current:
         lines.append(current)
     return lines
+
+
+def split_clauses(text: str) -> list[tuple[str, int, int]]:
+    """The clauses of `text` with their (start, end) offsets: cut after clause
+    punctuation (, ; : and sentence marks), not after an abbreviation such as "Dr."."""
+    clauses: list[tuple[str, int, int]] = []
+    start = 0
+    for match in _BREAK_RE.finditer(text):
+        before = text[start : match.start()].split()
+        if match.group(1) == "." and before and before[-1].lower() in _ABBREVIATIONS:
+            continue
+        if text[start : match.end()].strip():
+            clauses.append((text[start : match.end()].strip(), start, match.end()))
+        start = match.end()
+    if text[start:].strip():
+        clauses.append((text[start:].strip(), start, len(text)))
+    return clauses
+
+
+_WORD_RE = re.compile(r"\S+")
+
+
+def split_first_words(text: str, words: int) -> list[tuple[str, int, int]]:
+    """`split_clauses`, except that a first clause longer than `words` words is cut after
+    them (marked with a comma, so the voice pauses there as it would at one)."""
+    clauses = split_clauses(text)
+    if not clauses or words <= 0:
+        return clauses
+    _, start, end = clauses[0]
+    found = list(_WORD_RE.finditer(text, start, end))
+    if len(found) <= words:
+        return clauses
+    cut = found[words - 1].end()
+    head = text[start:cut].strip().rstrip(",;:") + ","
+    return [(head, start, cut), (text[cut:end].strip(), cut, end), *clauses[1:]]
+
+
+class ClauseTokenizer(tokenize.SentenceTokenizer):
+    """Cuts the LLM's streamed text at clauses rather than sentences, and a reply's first
+    clause after `first_words` words, so the first words are spoken while the LLM still
+    writes the rest. Clauses under `min_len` characters ride with the next one."""
+
+    def __init__(self, min_len: int = 8, first_words: int = 3) -> None:
+        self.min_len, self.first_words = min_len, first_words
+
+    def tokenize(self, text: str, *, language: str | None = None) -> list[str]:
+        return [clause for clause, _, _ in split_first_words(text, self.first_words)]
+
+    def stream(self, *, language: str | None = None) -> SentenceStream:
+        first = [True]  # one stream per reply: only its first clause is cut short
+
+        def split(text: str) -> list[tuple[str, int, int]]:
+            tokens = split_first_words(text, self.first_words if first[0] else 0)
+            if len(tokens) > 1:  # the stream takes the first token now
+                first[0] = False
+            return tokens
+
+        return BufferedSentenceStream(tokenizer=split, min_token_len=self.min_len, min_ctx_len=2)
 
 
 class PiperVoice:
@@ -266,7 +329,13 @@ class PiperVoice:
         if "sid" in self._inputs:
             feeds["sid"] = np.array([0], dtype=np.int64)
         audio = np.asarray(self._session.run(None, feeds, run_options)[0]).reshape(-1)
-        return (np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+        pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
+        return pcm[self._leading_silence(pcm) :]
+
+    def _leading_silence(self, pcm: np.ndarray) -> int:
+        """Samples of the voice's near-silent lead-in (30-60 ms) to drop, keeping 10 ms."""
+        loud = np.flatnonzero(np.abs(pcm) > _SILENCE_LEVEL)
+        return max(0, int(loud[0]) - self.sample_rate // 100) if len(loud) else 0
 
     def synthesize_sentences(self, text: str) -> Iterator[np.ndarray]:
         """Blocking: yield int16 audio per sentence as soon as each is ready."""
@@ -290,16 +359,22 @@ class PiperTTS(tts.TTS):
         *,
         model_name: str = "en_US-joe-medium",
         executor: concurrent.futures.Executor | None = None,
+        clauses: bool = False,
     ) -> None:
-        """``executor`` runs the blocking synthesis; None uses the loop's default executor."""
+        """``executor`` runs the blocking synthesis; None uses the loop's default executor.
+
+        ``clauses``: streamed text (a reply) is synthesized clause by clause, the first
+        clause as soon as the LLM has written it; otherwise livekit cuts it into sentences.
+        """
         super().__init__(
-            capabilities=tts.TTSCapabilities(streaming=False),
+            capabilities=tts.TTSCapabilities(streaming=clauses),
             sample_rate=voice.sample_rate,
             num_channels=1,
         )
         self._voice = voice
         self._model_name = model_name
         self._executor = executor
+        self._adapter: tts.StreamAdapter | None = None
 
     @property
     def model(self) -> str:
@@ -317,6 +392,20 @@ class PiperTTS(tts.TTS):
         self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
     ) -> tts.ChunkedStream:
         return _PiperChunkedStream(tts=self, input_text=text, conn_options=conn_options)
+
+    def stream(
+        self, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
+    ) -> tts.SynthesizeStream:
+        if not self.capabilities.streaming:
+            return super().stream(conn_options=conn_options)
+        if self._adapter is None:
+            self._adapter = tts.StreamAdapter(tts=self, sentence_tokenizer=ClauseTokenizer())
+        return self._adapter.stream(conn_options=conn_options)
+
+    async def aclose(self) -> None:
+        if self._adapter is not None:
+            await self._adapter.aclose()
+        await super().aclose()
 
 
 class _PiperChunkedStream(tts.ChunkedStream):
@@ -336,6 +425,7 @@ class _PiperChunkedStream(tts.ChunkedStream):
         )
         loop = asyncio.get_running_loop()
         pushed = False
+        trace.mark("tts.start")
         try:
             sentences = await loop.run_in_executor(executor, voice.phonemize, self.input_text)
             for phonemes in sentences:
@@ -353,6 +443,8 @@ class _PiperChunkedStream(tts.ChunkedStream):
                     run_options.terminate = True
                     raise
                 if audio.size:
+                    if not pushed:
+                        trace.mark("tts.first_audio")
                     output_emitter.push(audio.tobytes())
                     pushed = True
         except Exception as e:  # espeak-ng or onnxruntime: retrying would fail the same way

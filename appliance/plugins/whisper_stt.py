@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
+import ctranslate2
 import numpy as np
 from faster_whisper import WhisperModel
+from faster_whisper.audio import pad_or_trim
+from faster_whisper.tokenizer import Tokenizer
 from livekit import rtc
 from livekit.agents import stt, utils, vad
 from livekit.agents.language import LanguageCode
@@ -27,6 +31,7 @@ from livekit.agents.types import (
     NotGivenOr,
 )
 
+from .. import trace
 from ..fileaudio import mono16, resample
 
 logger = logging.getLogger("appliance.stt")
@@ -34,6 +39,7 @@ logger = logging.getLogger("appliance.stt")
 SAMPLE_RATE = 16000
 _PREFIX_SECONDS = 0.6  # audio kept before VAD's start-of-speech (VAD decides late)
 _MIN_SECONDS = 0.15  # shorter segments are not worth a Whisper call
+_SPEECH_PROBABILITY = 0.5  # the VAD's activation threshold
 
 
 def load_model(model_dir: str, *, threads: int) -> WhisperModel:
@@ -41,8 +47,18 @@ def load_model(model_dir: str, *, threads: int) -> WhisperModel:
     return WhisperModel(model_dir, device="cpu", compute_type="int8", cpu_threads=threads)
 
 
-def transcribe(model: WhisperModel, audio: np.ndarray, language: str) -> tuple[str, float]:
-    """Blocking greedy transcription of float32 16 kHz audio; returns (text, confidence)."""
+def transcribe(
+    model: WhisperModel, audio: np.ndarray, language: str, *, window: str = "fit"
+) -> tuple[str, float]:
+    """Blocking greedy transcription of float32 16 kHz audio; returns (text, confidence).
+
+    `window` "fit": the encoder sees the utterance plus 1 s, not Whisper's fixed 30 s
+    window (CTranslate2 accepts the shorter input): about 10x less encoder work for a
+    3 s question; "full": the 30 s window, as faster-whisper runs it. Audio over 29 s
+    always uses full windows.
+    """
+    if window == "fit" and len(audio) < (_FULL_FRAMES - _FIT_MARGIN_FRAMES) * _HOP:
+        return _transcribe_fitted(model, audio, language)
     segments, _info = model.transcribe(
         audio,
         language=language,
@@ -55,13 +71,49 @@ def transcribe(model: WhisperModel, audio: np.ndarray, language: str) -> tuple[s
     )
     texts, logprobs = [], []
     for seg in segments:
-        if seg.no_speech_prob > 0.6 and seg.avg_logprob < -1.0:
-            continue  # Whisper's hallucination on silence or noise
+        if _is_noise(seg.no_speech_prob, seg.avg_logprob):
+            continue
         texts.append(seg.text.strip())
         logprobs.append(seg.avg_logprob)
     text = " ".join(t for t in texts if t)
     confidence = float(np.exp(np.mean(logprobs))) if logprobs else 0.0
     return text, confidence
+
+
+_HOP = 160  # samples per log-mel frame
+_FULL_FRAMES = 3000  # Whisper's 30 s window
+_FIT_MARGIN_FRAMES = 100  # 1 s of silence after the utterance
+
+
+def _is_noise(no_speech_prob: float, avg_logprob: float) -> bool:
+    return no_speech_prob > 0.6 and avg_logprob < -1.0  # Whisper's hallucination on silence
+
+
+def _transcribe_fitted(model: WhisperModel, audio: np.ndarray, language: str) -> tuple[str, float]:
+    features = model.feature_extractor(audio)
+    features = pad_or_trim(features, min(_FULL_FRAMES, features.shape[-1] + _FIT_MARGIN_FRAMES))
+    tokenizer = Tokenizer(
+        model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=language
+    )
+    encoded = model.model.encode(
+        ctranslate2.StorageView.from_array(features[None].astype(np.float32)), to_cpu=False
+    )
+    seconds = len(audio) / SAMPLE_RATE
+    (result,) = model.model.generate(
+        encoded,
+        [[*tokenizer.sot_sequence, tokenizer.no_timestamps]],
+        beam_size=1,
+        max_length=int(16 + 8 * seconds),  # speech is ~4 tokens/s: a loop cannot run on
+        return_scores=True,
+        return_no_speech_prob=True,
+        suppress_blank=True,
+        suppress_tokens=[-1],
+    )
+    tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
+    avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+    if not tokens or _is_noise(result.no_speech_prob, avg_logprob):
+        return "", 0.0
+    return tokenizer.decode(tokens).strip(), float(np.exp(avg_logprob))
 
 
 class WhisperSTT(stt.STT):
@@ -76,6 +128,8 @@ class WhisperSTT(stt.STT):
         model_name: str = "tiny.en",
         language: str = "en",
         interim_interval: float = 0.0,
+        window: str = "fit",
+        preflight_after: float = 0.0,
     ) -> None:
         super().__init__(
             capabilities=stt.STTCapabilities(
@@ -91,6 +145,8 @@ class WhisperSTT(stt.STT):
         self._model_name = model_name
         self._language = language
         self._interim_interval = interim_interval
+        self._window = window
+        self._preflight_after = preflight_after
 
     @property
     def model(self) -> str:
@@ -105,7 +161,10 @@ class WhisperSTT(stt.STT):
         audio = pcm.astype(np.float32) / 32768.0
         loop = asyncio.get_running_loop()
         text, confidence = await loop.run_in_executor(
-            self._executor, transcribe, self._whisper, audio, self._language
+            self._executor,
+            functools.partial(
+                transcribe, self._whisper, audio, self._language, window=self._window
+            ),
         )
         return stt.SpeechData(
             language=LanguageCode(self._language),
@@ -124,6 +183,7 @@ class WhisperSTT(stt.STT):
         frame = rtc.combine_audio_frames(buffer)
         pcm = _mono16k(frame)
         data = await self.transcribe_pcm(pcm)
+        trace.mark("stt.transcript")
         return stt.SpeechEvent(
             type=stt.SpeechEventType.FINAL_TRANSCRIPT,
             request_id=utils.shortuuid(),
@@ -145,9 +205,11 @@ def _mono16k(frame: rtc.AudioFrame) -> np.ndarray:
 
 @dataclass
 class _Job:
-    kind: str  # "interim" or "final"
+    kind: str  # "interim", "preflight" or "final"
     pcm: np.ndarray
     speech_end_time: float | None = None
+    reuse: _Job | None = None  # a final whose words are this preflight's
+    data: stt.SpeechData | None = None  # a preflight's result
 
 
 class WhisperStream(stt.RecognizeStream):
@@ -165,10 +227,13 @@ class WhisperStream(stt.RecognizeStream):
         self._interim_pending = False
         self._finals_pending = 0
         self._jobs: asyncio.Queue[_Job | None] = asyncio.Queue()
+        self._quiet_s = 0.0  # silence so far at the end of the segment (VAD's view)
+        self._preflight: _Job | None = None  # transcribed at the first pause, if still valid
 
     def _queue_final(self, speech_end_time: float) -> None:
         self._finals_pending += 1
-        self._jobs.put_nowait(_Job("final", self._take_segment(), speech_end_time))
+        reuse, self._preflight = self._preflight, None
+        self._jobs.put_nowait(_Job("final", self._take_segment(), speech_end_time, reuse=reuse))
 
     def _take_segment(self) -> np.ndarray:
         pcm = np.concatenate(self._segment) if self._segment else np.zeros(0, np.int16)
@@ -203,13 +268,33 @@ class WhisperStream(stt.RecognizeStream):
             self._prefix.clear()
             self._prefix_samples = 0
             self._event_ch.send_nowait(stt.SpeechEvent(stt.SpeechEventType.START_OF_SPEECH))
+        elif event.type == vad.VADEventType.INFERENCE_DONE and self._speaking:
+            self._inference_done(event)
         elif event.type == vad.VADEventType.END_OF_SPEECH and self._speaking:
             self._speaking = False
+            self._quiet_s = 0.0
             end = time.time() - event.silence_duration
             self._event_ch.send_nowait(
                 stt.SpeechEvent(stt.SpeechEventType.END_OF_SPEECH, speech_end_time=end)
             )
             self._queue_final(end)
+
+    def _inference_done(self, event: vad.VADEvent) -> None:
+        """At the first pause of `preflight_after` seconds, transcribe what was said: the
+        words go out as a preflight transcript (livekit starts its preemptive reply on
+        them) and become the final one if the user does not speak again before the VAD
+        ends the segment."""
+        after = self._owner._preflight_after
+        if event.probability >= _SPEECH_PROBABILITY:
+            self._quiet_s = 0.0
+            self._preflight = None  # more words came: the final is transcribed afresh
+            return
+        self._quiet_s += sum(f.duration for f in event.frames)
+        if after > 0 and self._quiet_s >= after and self._preflight is None:
+            pcm = np.concatenate(self._segment) if self._segment else np.zeros(0, np.int16)
+            if len(pcm) >= _MIN_SECONDS * SAMPLE_RATE:
+                self._preflight = _Job("preflight", pcm)
+                self._jobs.put_nowait(self._preflight)
 
     async def _recognize(self) -> None:
         while (job := await self._jobs.get()) is not None:
@@ -217,11 +302,26 @@ class WhisperStream(stt.RecognizeStream):
                 self._interim_pending = False
                 if self._finals_pending or len(job.pcm) < _MIN_SECONDS * SAMPLE_RATE:
                     continue
-            data = (
-                await self._owner.transcribe_pcm(job.pcm)
-                if len(job.pcm) >= _MIN_SECONDS * SAMPLE_RATE
-                else stt.SpeechData(language=LanguageCode(self._owner._language), text="")
-            )
+            if job.kind == "preflight" and job is not self._preflight:
+                continue  # the user spoke again before it ran
+            if job.reuse is not None and job.reuse.data is not None:
+                data = job.reuse.data
+            else:
+                data = (
+                    await self._owner.transcribe_pcm(job.pcm)
+                    if len(job.pcm) >= _MIN_SECONDS * SAMPLE_RATE
+                    else stt.SpeechData(language=LanguageCode(self._owner._language), text="")
+                )
+            if job.kind == "preflight":
+                job.data = data
+                if data.text and job is self._preflight:
+                    trace.mark("stt.transcript")
+                    self._event_ch.send_nowait(
+                        stt.SpeechEvent(
+                            stt.SpeechEventType.PREFLIGHT_TRANSCRIPT, alternatives=[data]
+                        )
+                    )
+                continue
             if job.kind == "interim":
                 if data.text:
                     self._event_ch.send_nowait(
@@ -229,6 +329,7 @@ class WhisperStream(stt.RecognizeStream):
                     )
                 continue
             self._finals_pending -= 1
+            trace.mark("stt.transcript")
             # a final is sent even when empty: it releases commit_user_turn() at once
             self._event_ch.send_nowait(
                 stt.SpeechEvent(
