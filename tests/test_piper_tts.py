@@ -138,3 +138,64 @@ def test_import_does_not_pull_gpl_piper() -> None:
     )
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def test_replies_are_cut_into_clauses_and_a_short_first_chunk() -> None:
+    from appliance.plugins.piper_tts import ClauseTokenizer, split_clauses, split_first_words
+
+    text = "Dr. Smith is in, and 3.5 is a number; yes. Done"
+    assert [c for c, _, _ in split_clauses(text)] == [
+        "Dr. Smith is in,",
+        "and 3.5 is a number;",
+        "yes.",
+        "Done",
+    ]
+    cut = split_first_words("The boiling point of water is 100 degrees.", 3)
+    assert [c for c, _, _ in cut] == ["The boiling point,", "of water is 100 degrees."]
+    assert [c for c, _, _ in split_first_words("A week is.", 3)] == ["A week is."]
+
+    async def stream(text: str) -> list[str]:
+        sentences = ClauseTokenizer().stream()
+        for i in range(0, len(text), 2):  # as an LLM streams it
+            sentences.push_text(text[i : i + 2])
+        sentences.end_input()
+        return [t.token async for t in sentences]
+
+    tokens = asyncio.run(stream("The capital of France is Paris. So, it is big, old and lovely."))
+    # only the reply's first clause is cut after three words; a clause under 8 characters
+    # ("So,") rides with the next one
+    assert tokens == [
+        "The capital of,",
+        "France is Paris.",
+        "So, it is big,",
+        "old and lovely.",
+    ]
+
+
+def test_streamed_replies_are_spoken_clause_by_clause(voice: PiperVoice) -> None:
+    async def main() -> tuple[int, list[int]]:
+        engine = PiperTTS(voice, clauses=True)
+        assert engine.capabilities.streaming
+        sizes: list[int] = []
+        async with engine.stream() as stream:
+            for word in [
+                "Paris",
+                "is",
+                "the",
+                "capital",
+                "of",
+                "France,",
+                "and",
+                "it",
+                "is",
+                "lovely.",
+            ]:
+                stream.push_text(word + " ")
+            stream.end_input()
+            async for ev in stream:
+                sizes.append(ev.frame.samples_per_channel)
+        await engine.aclose()
+        return len(sizes), sizes
+
+    count, sizes = asyncio.run(main())
+    assert count > 1 and sum(sizes) > voice.sample_rate  # over a second of speech

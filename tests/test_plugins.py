@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -195,3 +196,65 @@ def test_templates_with_tools_get_arguments_as_objects() -> None:
     out = _arguments_as_objects(msg)
     assert out["tool_calls"][0]["function"]["arguments"] == {"a": 1}
     assert msg["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'  # input untouched
+
+
+def test_a_pause_gives_a_preflight_transcript_that_the_final_reuses(
+    models: Any, speak: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The words are transcribed at the first pause, before the VAD ends the segment; the
+    final transcript is those words, and Whisper ran once for both."""
+    speech = speak("What is the capital of France?")
+    padded = np.concatenate([speech, np.zeros(16000, np.int16)])
+    calls: list[int] = []
+
+    async def main() -> list[tuple[float, stt.SpeechEvent]]:
+        engine = WhisperSTT(
+            models.whisper, models.stt_executor, vad=models.vad(), preflight_after=0.05
+        )
+        counted = engine.transcribe_pcm
+
+        async def transcribe_pcm(pcm: np.ndarray) -> stt.SpeechData:
+            calls.append(len(pcm))
+            return await counted(pcm)
+
+        monkeypatch.setattr(engine, "transcribe_pcm", transcribe_pcm)
+        stream = engine.stream()
+        events: list[tuple[float, stt.SpeechEvent]] = []
+        loop = asyncio.get_running_loop()
+
+        async def read() -> None:
+            async for ev in stream:
+                events.append((loop.time(), ev))
+
+        reader = asyncio.create_task(read())
+        for frame in frames(padded):
+            stream.push_frame(frame)
+            await asyncio.sleep(0.01)
+        stream.end_input()
+        await reader
+        await engine.aclose()
+        return events
+
+    events = asyncio.run(main())
+    kinds = [e.type for _, e in events]
+    preflight = kinds.index(stt.SpeechEventType.PREFLIGHT_TRANSCRIPT)
+    final = kinds.index(stt.SpeechEventType.FINAL_TRANSCRIPT)
+    assert preflight < kinds.index(stt.SpeechEventType.END_OF_SPEECH) < final
+    words = events[preflight][1].alternatives[0].text
+    assert "capital" in words.lower() and "france" in words.lower()
+    assert events[final][1].alternatives[0].text == words
+    assert len(calls) == 1  # the final reused the preflight's words
+
+
+@pytest.mark.parametrize("window", ["fit", "full"])
+def test_whisper_in_a_fitted_window_and_in_the_full_one(
+    models: Any, speak: Any, window: str
+) -> None:
+    from appliance.plugins.whisper_stt import transcribe
+
+    speech = speak("How many legs does a spider have?").astype(np.float32) / 32768
+    text, confidence = transcribe(models.whisper, speech, "en", window=window)
+    assert {"legs", "spider"} <= set(re.findall(r"[a-z]+", text.lower())), text
+    assert 0.3 < confidence <= 1.0
+    silence = np.zeros(32000, np.float32)
+    assert transcribe(models.whisper, silence, "en", window=window)[0] == ""

@@ -1,0 +1,43 @@
+"""The benchmark's own arithmetic: the critical path from plugin marks, word error rate."""
+
+from __future__ import annotations
+
+import pytest
+
+from appliance import trace
+from appliance.bench import word_error_rate
+
+
+def test_the_critical_path_follows_the_reply_that_was_heard(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    marks = [
+        (9.0, "tts.first_audio"),  # an earlier reply: before the end of speech
+        (10.20, "stt.transcript"),  # preflight
+        (10.21, "llm.start"),  # a preemptive attempt, later superseded
+        (10.30, "stt.transcript"),
+        (10.31, "llm.start"),
+        (10.45, "llm.first_token"),
+        (10.55, "tts.start"),
+        (10.65, "tts.first_audio"),
+        (11.50, "tts.start"),  # the reply's second clause
+    ]
+    monkeypatch.setattr(trace, "MARKS", marks)
+    parts = trace.critical_path(10.0, 10.70)
+    assert parts is not None
+    assert {k: round(v, 3) for k, v in parts.items()} == {
+        "stt": 0.3,
+        "llm_first_token": 0.15,
+        "llm_first_chunk": 0.1,
+        "tts_first_audio": 0.1,
+        "turn_and_playout": 0.05,
+    }
+    assert abs(sum(parts.values()) - 0.70) < 1e-9  # the parts add up to the latency
+    assert trace.critical_path(10.0, 10.60) is None  # no audio was ready by then
+
+
+def test_word_error_rate() -> None:
+    assert word_error_rate("What is the capital of France?", "what is the capital of france") == 0
+    assert word_error_rate("What color is the sky?", "What colors the sky") == 0.4
+    assert word_error_rate("a b", "a b c d") == 1.0
+    assert word_error_rate("", "anything") is None
