@@ -98,6 +98,7 @@ def turn_handling(
     (which it would otherwise still wait out after the last speech) is 0.
     """
     mode = mode or session.turn_detection
+    preemptive = session.preemptive_generation and mode != "manual"
     return {
         "turn_detection": detector if mode == "model" else mode,
         "endpointing": {
@@ -112,10 +113,12 @@ def turn_handling(
         },
         # preemptive: the LLM and the TTS start on the STT's first transcript of a pause
         # (our Whisper's preflight), before the turn is confirmed; a user who pauses more
-        # than once in a turn gets a fresh attempt each time
+        # than once in a turn gets a fresh attempt each time. Not for manual turns: the
+        # release is the end of the turn (nothing to gain), and a push-to-talk cancel must
+        # leave no trace of the turn
         "preemptive_generation": {
-            "enabled": session.preemptive_generation,
-            "preemptive_tts": session.preemptive_generation,
+            "enabled": preemptive,
+            "preemptive_tts": preemptive,
             "max_retries": 6,
         },
     }

@@ -443,7 +443,10 @@ def test_a_double_press_cancels_the_turn_without_a_reply(
 
     out = run_ptt_kiosk(models, scenario)
     assert out["cancels"] == 1
-    assert [r for r, _ in out["roles"]] == [], out["roles"]  # no user turn kept, no reply
+    # Whisper is done before the second press, so the turn was committed and its reply
+    # started: the reply is cut before a word is spoken and the turn leaves the agent's
+    # memory; the session's history still logs what the user said
+    assert "assistant" not in [r for r, _ in out["roles"]], out["roles"]
     assert "user" not in out["memory"]
     assert np.abs(out["reply_audio"].astype(np.int32)).max(initial=0) < 300  # nothing spoken
 
