@@ -1,9 +1,11 @@
 """Speech-to-text with faster-whisper (CTranslate2 int8), as a livekit-agents STT.
 
 The stream segments speech with the session's VAD, sends interim transcripts while the
-user talks, a final transcript at the end of each segment, and supports `flush()` so
-`commit_user_turn()` (push-to-talk) gets the words spoken so far at once. Whisper runs on a
-shared single-thread executor, never on the event loop.
+user talks, a preflight transcript at the first short pause (livekit starts its preemptive
+reply on it; the final reuses it when the user does not go on), a final transcript at the
+end of each segment, and supports `flush()` so `commit_user_turn()` (push-to-talk) gets the
+words spoken so far at once. Whisper encodes a window fitted to the utterance rather than
+its fixed 30 s, and runs on a shared single-thread executor, never on the event loop.
 """
 
 from __future__ import annotations
