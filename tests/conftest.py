@@ -21,7 +21,7 @@ from appliance.fileaudio import resample
 MODELS_DIR = store.models_dir()
 
 
-def heard(expected: str, transcript: str) -> bool:
+def transcribed_as(expected: str, transcript: str) -> bool:
     """Whether a transcript is the expected phrase, give or take one word in three.
 
     Whisper tiny.en in its fitted window mishears a word now and then ("France" as

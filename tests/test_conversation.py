@@ -24,7 +24,7 @@ from appliance.fileaudio import RecordingAudioOutput, WavAudioInput, resample
 from appliance.plugins.whisper_stt import transcribe
 from appliance.session import ApplianceAgent, build_session
 
-from .conftest import heard
+from .conftest import transcribed_as
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +91,7 @@ def test_spoken_question_gets_a_spoken_reply(models: Any, speak: Any) -> None:
     user_states = [e.new_state for e in ev.of("user_state_changed")]
     assert "speaking" in user_states and "listening" in user_states, user_states
     finals = [e.transcript for e in ev.of("user_input_transcribed") if e.is_final]
-    assert any(heard(QUESTION, t) for t in finals), finals
+    assert any(transcribed_as(QUESTION, t) for t in finals), finals
     roles = [getattr(e.item, "role", None) for e in ev.of("conversation_item_added")]
     assert "user" in roles and "assistant" in roles
     assert ev.of("session_usage_updated"), "no usage/metrics event"
@@ -117,7 +117,7 @@ def test_turn_completes_in_each_mode(
     roles = [i["role"] for i in result.items if i["text"]]
     assert "user" in roles and "assistant" in roles, (mode, result.items)
     user = next(i["text"] for i in result.items if i["role"] == "user")
-    assert heard(QUESTION, user), user
+    assert transcribed_as(QUESTION, user), user
 
 
 def test_barge_in_stops_playback_and_history_keeps_what_was_played(models: Any, speak: Any) -> None:
@@ -227,7 +227,7 @@ def test_manual_commit_and_clear_user_turn(models: Any, speak: Any) -> None:
             mic.start()
             await asyncio.wait_for(mic.finished.wait(), 20)
             transcript = await session.commit_user_turn(transcript_timeout=10.0)
-            assert heard(QUESTION, transcript), transcript
+            assert transcribed_as(QUESTION, transcript), transcript
             await wait_for(
                 lambda: any(
                     i["role"] == "assistant" and i["text"] for i in history_items(session.history)

@@ -20,7 +20,7 @@ from appliance.plugins.llama_llm import (
 )
 from appliance.plugins.whisper_stt import WhisperSTT
 
-from .conftest import heard
+from .conftest import transcribed_as
 
 pytestmark = pytest.mark.slow
 
@@ -243,7 +243,7 @@ def test_a_pause_gives_a_preflight_transcript_that_the_final_reuses(
     final = kinds.index(stt.SpeechEventType.FINAL_TRANSCRIPT)
     assert preflight < kinds.index(stt.SpeechEventType.END_OF_SPEECH) < final
     words = events[preflight][1].alternatives[0].text
-    assert heard("What is the capital of France?", words), words
+    assert transcribed_as("What is the capital of France?", words), words
     assert events[final][1].alternatives[0].text == words
     assert len(calls) == 1  # the final reused the preflight's words
 

@@ -35,7 +35,7 @@ from appliance.ptt import (
 )
 from appliance.usbaudio import UsbAudio
 
-from .conftest import heard
+from .conftest import transcribed_as
 
 RATE = 16000
 
@@ -413,7 +413,9 @@ def test_push_to_talk_end_to_end(models: Any, speak: Callable[..., np.ndarray], 
     assert out["after_tap"] == []
     users = [t for r, t in out["after_turn"] if r == "user"]
     replies = [t for r, t in out["after_turn"] if r == "assistant"]
-    assert len(users) == 1 and heard("What is the capital of France?", users[0]), out["after_turn"]
+    assert len(users) == 1 and transcribed_as("What is the capital of France?", users[0]), out[
+        "after_turn"
+    ]
     assert len(replies) == 1 and replies[0]
     assert out["led"][:5] == ["idle", "listening", "thinking", "speaking", "idle"], out["led"]
     assert out["interrupted"] is True

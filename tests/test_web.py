@@ -34,7 +34,7 @@ from appliance.service import Service
 from appliance.systemd import Notifier
 from appliance.web import MAX_MESSAGE, make_app, serve
 
-from .conftest import heard
+from .conftest import transcribed_as
 
 REPO = Path(__file__).parent.parent
 ARTIFACTS = REPO / "test-artifacts"
@@ -164,7 +164,7 @@ def test_the_page_shows_the_conversation_and_the_states(
     out, seen = run_service(models, web_config(free_port()), scenario)
     users = [text for cls, text, _ in out["bubbles"] if "user" in cls]
     replies = [text for cls, text, final in out["bubbles"] if "assistant" in cls and final]
-    assert any(heard("What is the capital of France?", u) for u in users), out["bubbles"]
+    assert any(transcribed_as("What is the capital of France?", u) for u in users), out["bubbles"]
     assert replies[0] == "Hello." and len(replies) >= 2 and replies[1], out["bubbles"]
     partial = [text for cls, text, final in out["mid_reply"] if "assistant" in cls and not final]
     assert partial and replies[1].startswith(partial[0][:3]), out  # in step with the speech
