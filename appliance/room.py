@@ -442,12 +442,8 @@ class RoomBridge:
         room: str = "",
     ) -> None:
         self.cfg, self._connect = cfg, connect
-        self.session, self.local_in, self.local_out, self.text = (
-            session,
-            local_in,
-            local_out,
-            text,
-        )
+        self.session = session
+        self.local_in, self.local_out, self.text = local_in, local_out, text
         self.room = room
         self.mode: Literal["starting", "room", "direct"] = "starting"
         self.link: Link | None = None
@@ -501,7 +497,7 @@ class RoomBridge:
                 failures += 1
                 self._record(started, f"failed: {exc}")
                 self._first.set()
-                await asyncio.sleep(min(self.cfg.retry_max, RETRY_MIN_S * 2 ** (failures - 1)))
+                await asyncio.sleep(self._backoff(failures))
                 continue
             self._record(started, "joined")
             try:
@@ -518,7 +514,7 @@ class RoomBridge:
                     self._direct()
                 self._first.set()
                 failures += 1
-                await asyncio.sleep(min(self.cfg.retry_max, RETRY_MIN_S * 2 ** (failures - 1)))
+                await asyncio.sleep(self._backoff(failures))
                 continue
             self.link = link
             self._set_mode("room")
@@ -537,7 +533,11 @@ class RoomBridge:
             self._leaving.add(leaving)
             leaving.add_done_callback(self._leaving.discard)
             failures = 1
-            await asyncio.sleep(RETRY_MIN_S)
+            await asyncio.sleep(self._backoff(failures))
+
+    def _backoff(self, failures: int) -> float:
+        """Seconds before the next try: 1, 2, 4 ... up to `retry_max`."""
+        return min(self.cfg.retry_max, RETRY_MIN_S * 2 ** (failures - 1))
 
     def _record(self, started: float, outcome: str) -> None:
         took = time.monotonic() - started

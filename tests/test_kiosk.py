@@ -84,17 +84,23 @@ def rms(pcm: np.ndarray) -> float:
     return float(np.sqrt(np.mean(pcm.astype(np.float64) ** 2))) if len(pcm) else 0.0
 
 
+async def ask(room: Room, usb: UsbAudio, session: Any, question: np.ndarray) -> np.ndarray:
+    """Say `question` into the room and wait (40 s at most) until the agent has replied and
+    the speaker is quiet; returns what the room heard from the speaker meanwhile."""
+    played_before = len(room.played) // 2
+    room.say(question)
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        replies = [i for i in session.history.items if getattr(i, "role", None) == "assistant"]
+        if replies and session.agent_state == "listening" and not usb.speaker.playing:
+            break
+        await asyncio.sleep(0.1)
+    return room.played_pcm(played_before)
+
+
 def test_a_spoken_question_gets_a_spoken_reply(models: Any, speak: Any, room: Room) -> None:
     async def scenario(usb: UsbAudio, session: Any) -> tuple[list[Any], np.ndarray]:
-        played_before = len(room.played) // 2
-        room.say(speak("What is the capital of France?"))
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline:
-            items = [i for i in session.history.items if getattr(i, "role", None) == "assistant"]
-            if items and session.agent_state == "listening" and not usb.speaker.playing:
-                break
-            await asyncio.sleep(0.1)
-        reply = room.played_pcm(played_before)
+        reply = await ask(room, usb, session, speak("What is the capital of France?"))
         return list(session.history.items), reply
 
     items, reply = run_kiosk(models, kiosk_config(), scenario)

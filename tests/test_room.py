@@ -33,7 +33,7 @@ from appliance.liveio import LiveInput, Playout
 from appliance.usbaudio import UsbAudio
 
 from .conftest import transcribed_as
-from .test_kiosk import kiosk_config, rms, run_kiosk
+from .test_kiosk import ask, kiosk_config, rms, run_kiosk
 from .test_sip import (
     SIPP,
     Recorder,
@@ -229,13 +229,19 @@ def closed_tcp_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def call_an_echo(service: Recorder, tmp_path: Path, seconds: float) -> dict[str, Any]:
-    """Dial a sipp echo; after `seconds` report what the call heard, then hang up."""
+async def dial_an_echo(service: Recorder, tmp_path: Path) -> tuple[Any, Any]:
+    """Start a sipp that echoes RTP and have the appliance call it: (call, sipp process)."""
     echo_port = free_udp_port()
     uas = await start_sipp(tmp_path, None, "-sn", "uas", "-rtp_echo", port=echo_port)
     await asyncio.sleep(0.5)
     assert service.sip_ready is not None
     call = await service.sip_ready.result().dial(f"sip:echo@127.0.0.1:{echo_port}")
+    return call, uas
+
+
+async def call_an_echo(service: Recorder, tmp_path: Path, seconds: float) -> dict[str, Any]:
+    """Dial a sipp echo; after `seconds` report what the call heard, then hang up."""
+    call, uas = await dial_an_echo(service, tmp_path)
     await asyncio.sleep(seconds)
     conv = service.conversations[-1]
     result = {
@@ -343,11 +349,7 @@ def test_a_room_that_drops_mid_call_leaves_the_call_running_and_is_rejoined(
     port = free_udp_port()
 
     async def scenario(service: Recorder) -> dict[str, Any]:
-        echo_port = free_udp_port()
-        uas = await start_sipp(tmp_path, None, "-sn", "uas", "-rtp_echo", port=echo_port)
-        await asyncio.sleep(0.5)
-        assert service.sip_ready is not None
-        call = await service.sip_ready.result().dial(f"sip:echo@127.0.0.1:{echo_port}")
+        call, uas = await dial_an_echo(service, tmp_path)
         await asyncio.sleep(3.0)  # the greeting plays into the room
         conv = service.conversations[-1]
         bridge = conv.room
@@ -424,11 +426,7 @@ def test_a_call_through_a_real_livekit_server(
     config = config.model_copy(update={"livekit": livekit})
 
     async def scenario(service: Recorder) -> dict[str, Any]:
-        echo_port = free_udp_port()
-        uas = await start_sipp(tmp_path, None, "-sn", "uas", "-rtp_echo", port=echo_port)
-        await asyncio.sleep(0.5)
-        assert service.sip_ready is not None
-        call = await service.sip_ready.result().dial(f"sip:echo@127.0.0.1:{echo_port}")
+        call, uas = await dial_an_echo(service, tmp_path)
         await asyncio.sleep(6.0)  # the greeting: agent -> room -> caller -> echo -> agent
         conv = service.conversations[-1]
         bridge = conv.room
@@ -514,15 +512,7 @@ def test_a_kiosk_conversation_in_a_room_that_drops_goes_on_on_the_sound_card(
         links[0].dropped.set()
         await asyncio.sleep(0.5)
         out["mode_after"] = bridge.mode
-        played_before = len(room.played) // 2
-        room.say(speak("What is the capital of France?"))
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline:
-            replies = [i for i in session.history.items if getattr(i, "role", None) == "assistant"]
-            if replies and session.agent_state == "listening" and not usb.speaker.playing:
-                break
-            await asyncio.sleep(0.1)
-        out["reply"] = room.played_pcm(played_before)
+        out["reply"] = await ask(room, usb, session, speak("What is the capital of France?"))
         out["items"] = [
             (i.role, i.text_content or "")
             for i in session.history.items

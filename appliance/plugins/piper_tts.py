@@ -168,12 +168,13 @@ class ClauseTokenizer(tokenize.SentenceTokenizer):
         return [clause for clause, _, _ in split_first_words(text, self.first_words)]
 
     def stream(self, *, language: str | None = None) -> SentenceStream:
-        first = [True]  # one stream per reply: only its first clause is cut short
+        first = True  # one stream per reply: only its first clause is cut short
 
         def split(text: str) -> list[tuple[str, int, int]]:
-            tokens = split_first_words(text, self.first_words if first[0] else 0)
+            nonlocal first
+            tokens = split_first_words(text, self.first_words if first else 0)
             if len(tokens) > 1:  # the stream takes the first token now
-                first[0] = False
+                first = False
             return tokens
 
         return BufferedSentenceStream(tokenizer=split, min_token_len=self.min_len, min_ctx_len=2)
