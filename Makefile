@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench bench-audio bench-ptt bench-sip clean
+.PHONY: install demo test lint bench bench-audio bench-ptt bench-barge-in bench-sip clean
 
 install:
 	bash scripts/setup-dev.sh
@@ -26,6 +26,9 @@ bench-audio: install
 
 bench-ptt: install
 	$(BIN)/appliance bench-ptt --json bench/ptt.json
+
+bench-barge-in: install
+	$(BIN)/appliance bench-barge-in --json bench/barge-in.json
 
 bench-sip: install
 	$(BIN)/appliance bench-sip --json bench/sip.json

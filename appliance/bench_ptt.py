@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import datetime
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .bench import QUESTIONS, machine_info, spoken_questions, stage_seconds
+from .bench import QUESTIONS, run_record, spoken_questions, stage_seconds
 from .bench_audio import LOUD, RATE, percentiles
 from .config import Config
 
@@ -143,19 +142,11 @@ def run_bench_ptt(args: argparse.Namespace, config: Config) -> int:
 
     figure = percentiles(latencies)
     results: dict[str, Any] = {
-        "date": started.isoformat(timespec="seconds"),
-        "command": shlex.join(sys.argv),
-        "machine": machine_info(),
-        "config": config.source,
+        **run_record(started, config),
         "release_after_speech_s": RELEASE_AFTER_S,
-        "release_to_first_audio_ms": percentiles(latencies),
+        "release_to_first_audio_ms": figure,
         "failures": len(runs) - len(latencies),
-        "stages_p50_ms": {
-            name: percentiles(
-                [r["stages_ms"][name] for r in runs if r["stages_ms"][name] is not None]
-            )["p50"]
-            for name in stage_names
-        },
+        "stages_p50_ms": {name: stage_p50(name) for name in stage_names},
         "runs": runs,
     }
     out = Path(args.json_out)

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import datetime
 import json
-import shlex
 import socket
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .bench import QUESTIONS, machine_info, spoken_questions
+from .bench import QUESTIONS, run_record, spoken_questions
 from .bench_audio import LOUD, percentiles
 from .config import Config
 
@@ -223,10 +222,7 @@ def run_bench_sip(args: argparse.Namespace, config: Config) -> int:
         models.close()
     fit = [r["calls"] for r in results if (r["voice_to_voice_ms"]["p95"] or 1e9) < V2V_LIMIT_MS]
     summary = {
-        "date": started.isoformat(timespec="seconds"),
-        "command": shlex.join(sys.argv),
-        "machine": machine_info(),
-        "config": config.source,
+        **run_record(started, config),
         "turn_detection": config.turn_detection,
         "questions_per_call": QUESTIONS_PER_CALL,
         "levels": results,

@@ -440,6 +440,12 @@ def cmd_bench_ptt(args: argparse.Namespace) -> int:
     return run_bench_ptt(args, _load_config(args.config))
 
 
+def cmd_bench_barge_in(args: argparse.Namespace) -> int:
+    from .bench_barge_in import run_bench_barge_in
+
+    return run_bench_barge_in(args, _load_config(args.config))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -558,6 +564,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None)
     p.add_argument("--utterances", type=int, default=10)
     p.set_defaults(func=cmd_bench_ptt)
+
+    p = sub.add_parser("bench-barge-in", help="user talks over the agent: time to silence it")
+    p.add_argument("--json", dest="json_out", default="bench/barge-in.json")
+    p.add_argument("--config", default=None)
+    p.add_argument("--utterances", type=int, default=10)
+    p.set_defaults(func=cmd_bench_barge_in)
 
     p = sub.add_parser("bench-sip", help="phone bridge: call set-up, RTP timing, concurrency")
     p.add_argument("--json", dest="json_out", default="bench/sip.json")

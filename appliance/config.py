@@ -47,12 +47,14 @@ class _Section(BaseModel):
 
 class SessionConfig(_Section):
     """The AgentSession reference's options, with the reference's defaults except
-    `min_endpointing_delay` and `preemptive_generation` (tuned for latency)."""
+    `min_interruption_duration`, `min_endpointing_delay` and `preemptive_generation`
+    (tuned for latency)."""
 
     allow_interruptions: bool = True
-    min_interruption_duration: float = Field(0.5, ge=0.0, le=10.0)
+    # the three latency defaults that differ from the reference (0.5 s, 0.5 s and false):
+    # see README. 0.1 s of speech pauses the reply; words in it end it, else it resumes
+    min_interruption_duration: float = Field(0.1, ge=0.0, le=10.0)
     min_interruption_words: int = Field(0, ge=0, le=50)
-    # the two latency defaults that differ from the reference (0.5 s and false): see README
     min_endpointing_delay: float = Field(0.3, ge=0.0, le=10.0)
     max_endpointing_delay: float = Field(3.0, ge=0.0, le=30.0)
     preemptive_generation: bool = True
@@ -84,6 +86,7 @@ class ModelsConfig(_Section):
     stt_interim_interval: float = Field(0.0, ge=0.0, le=10.0)
     stt_window: Literal["fit", "full"] = "fit"
     llm_threads: int = Field(0, ge=0, le=64)
+    llm_requantize: Literal["", "q4_0", "q8_0"] = ""
     stt_preflight: float = Field(0.05, ge=0.0, le=2.0)
     tts_chunks: Literal["clause", "sentence"] = "clause"
     verify: bool = True
@@ -139,7 +142,7 @@ class AudioConfig(_Section):
     high_pass_filter: bool = True
     auto_gain_control: bool = True
     echo_delay_ms: int = Field(40, ge=0, le=500)
-    aec_warmup: float = Field(1.0, ge=0.0, le=10.0)
+    aec_warmup: float = Field(2.0, ge=0.0, le=10.0)  # 1 s let a fresh canceller's echo in
     playback_padding_ms: int = Field(100, ge=0, le=2000)
     realtime_priority: int = Field(10, ge=0, le=99)
 

@@ -129,7 +129,7 @@ async def converse(
 
     await session.start(ApplianceAgent(config.agent), record=False)
     try:
-        await asyncio.wait_for(_greeting_played(session), timeout)
+        await asyncio.wait_for(greeting_played(session), timeout)
         users_before = len(session.history.items)
         mic.start()
         await asyncio.wait_for(mic.finished.wait(), timeout)
@@ -164,7 +164,7 @@ async def converse(
     )
 
 
-async def _greeting_played(session: AgentSession) -> None:
+async def greeting_played(session: AgentSession) -> None:
     """Wait until the agent's greeting (if any) has finished playing."""
     await asyncio.sleep(0.05)
     while (speech := session.current_speech) is not None:

@@ -1,6 +1,6 @@
 """Audio files as a session's microphone and speaker, for `converse` and the benchmark.
 
-`WavAudioInput` plays a file into the session in real time (10 ms frames, then silence,
+`WavAudioInput` plays a file into the session in real time (20 ms frames, then silence,
 as a live microphone would). `RecordingAudioOutput` is a virtual sound card with an exact
 clock: it "plays" the agent's audio in real time onto a timeline that starts at the same
 instant as the input, so sample n of the recording and of the input are the same moment.
@@ -19,7 +19,7 @@ from livekit import rtc
 from livekit.agents.voice import io
 
 SAMPLE_RATE = 16000
-FRAME_MS = 10
+FRAME_MS = 20  # as the USB microphone and RTP deliver them
 
 
 class AudioFileError(Exception):
@@ -124,6 +124,7 @@ class RecordingAudioOutput(io.AudioOutput):
         self._held: list[np.ndarray] = []
         self._finish_timer: asyncio.TimerHandle | None = None
         self.segments: list[dict[str, float | bool]] = []
+        self.stops: list[float] = []  # timeline seconds where playback paused or was cut
 
     @property
     def playing(self) -> bool:
@@ -187,6 +188,8 @@ class RecordingAudioOutput(io.AudioOutput):
             self._finish_timer = None
         end = min(self._now(), self._tail) if interrupted else self._tail
         if interrupted:
+            if self._paused_at is None:
+                self.stops.append(end / self.rate)
             self._truncate(max(end, self._segment_start))
         position = max(0, end - self._segment_start) / self.rate
         self.segments.append(
@@ -203,9 +206,10 @@ class RecordingAudioOutput(io.AudioOutput):
         self._finish(interrupted=True)
 
     def pause(self) -> None:
-        if self._segment_start is None or self._paused_at is not None:
+        if self._segment_start is None or self._paused_at is not None or self.rate is None:
             return
         self._paused_at = min(self._now(), self._tail)
+        self.stops.append(self._paused_at / self.rate)
         cut = [
             pcm[max(0, self._paused_at - s) :]
             for s, pcm in self._chunks

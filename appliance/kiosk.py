@@ -90,7 +90,7 @@ async def _one_session(
     logs.SESSION.set(sid)  # tags every log line of this session
     aec = config.audio.echo_cancellation
     session = build_session(
-        config, models, aec_warmup_duration=config.audio.aec_warmup if aec else None
+        config, models, aec_warmup_duration=config.audio.aec_warmup if aec else 0.0
     )
     text = TextSink()
     bridge = conversation_bridge(

@@ -133,7 +133,7 @@ class Profile(_Strict):
     tts: str
     vad: str
     turn_model: str
-    settings: dict[str, int | float | bool] = Field(default_factory=dict)
+    settings: dict[str, int | float | bool | str] = Field(default_factory=dict)
     why: dict[str, str] = Field(default_factory=dict)
 
     def by_kind(self) -> dict[str, str]:

@@ -69,6 +69,14 @@ def models_dir(configured: str = "") -> Path:
     return Path.home() / ".local" / "share" / "appliance" / "models"
 
 
+def cache_dir() -> Path:
+    """Where derived files (a requantized LLM) are kept: systemd's cache dir, or ~/.cache."""
+    if cache := os.environ.get("CACHE_DIRECTORY"):
+        return Path(cache.split(":")[0])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "appliance"
+
+
 def file_path(entry: ModelEntry, name: str, root: Path) -> Path:
     """Where one of an entry's files lives under the models directory."""
     return root / entry.dir / name

@@ -24,6 +24,7 @@ from .config import Config
 from .manifest import load as load_manifest
 
 if TYPE_CHECKING:
+    from livekit.agents import vad as vad_mod
     from livekit.agents.inference import VAD
     from livekit.agents.llm import ToolChoice
     from livekit.agents.voice.turn import _StreamingTurnDetector
@@ -50,7 +51,7 @@ class ModelSet:
     """Everything the sessions of one process share."""
 
     def __init__(self, config: Config) -> None:
-        from .plugins.llama_llm import LocalLlama
+        from .plugins.llama_llm import LocalLlama, requantized
         from .plugins.piper_tts import PiperVoice
         from .plugins.whisper_stt import load_model
 
@@ -77,8 +78,12 @@ class ModelSet:
         self.whisper = load_model(str(path(cfg.stt, "model.bin").parent), threads=cfg.threads)
         timed("stt", t)
         t = time.perf_counter()
+        gguf = path(cfg.llm, ".gguf")
+        if cfg.llm_requantize:
+            sha256 = self.entries[cfg.llm].file(".gguf").sha256 or store.sha256_of(gguf)
+            gguf = requantized(gguf, sha256, cfg.llm_requantize, store.cache_dir())
         self.llama = LocalLlama(
-            str(path(cfg.llm, ".gguf")),
+            str(gguf),
             n_ctx=cfg.llm_context,
             threads=cfg.llm_threads or cfg.threads,
             gpu_layers=cfg.llm_gpu_layers,
@@ -121,18 +126,20 @@ class ModelSet:
 
         return inference.VAD(model="silero")
 
-    def stt(self, *, segment_with_vad: bool = True, window: str | None = None) -> WhisperSTT:
-        """`window` ("fit" or "full") overrides [models] stt_window."""
+    def stt(self, *, vad: vad_mod.VAD | None = None, window: str | None = None) -> WhisperSTT:
+        """Whisper STT for one session, segmenting speech with `vad` (a `SharedVAD` that
+        the session also runs, or a VAD of its own), or one segment per flush without.
+        `window` ("fit" or "full") overrides [models] stt_window."""
         from .plugins.whisper_stt import WhisperSTT
 
         return WhisperSTT(
             self.whisper,
             self.stt_executor,
-            vad=self.vad() if segment_with_vad else None,
+            vad=vad,
             model_name=self.config.models.stt.split("/", 1)[1],
             interim_interval=self.config.models.stt_interim_interval,
             window=window or self.config.models.stt_window,
-            preflight_after=self.config.models.stt_preflight if segment_with_vad else 0.0,
+            preflight_after=self.config.models.stt_preflight if vad is not None else 0.0,
         )
 
     def llm(self, tool_choice: ToolChoice | None = None) -> LlamaLLM:

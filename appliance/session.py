@@ -20,6 +20,7 @@ from livekit.agents.voice.turn import TurnHandlingOptions
 
 from .config import AgentConfig, Config, SessionConfig
 from .modelset import ModelSet
+from .plugins.shared_vad import SharedVAD
 
 logger = logging.getLogger("appliance.session")
 TurnMode = Literal["model", "vad", "stt", "manual"]
@@ -128,19 +129,23 @@ def build_session(
     config: Config,
     models: ModelSet,
     *,
-    aec_warmup_duration: float | None = None,
+    aec_warmup_duration: float = 0.0,
     userdata: dict[str, Any] | None = None,
 ) -> AgentSession:
     """A new AgentSession over the shared models. Call inside the running event loop.
 
-    `userdata` is added to `[session] userdata` (a call's caller, number, headers).
+    `aec_warmup_duration`: seconds at the start of each reply when the user cannot
+    interrupt, while a local echo canceller adapts (livekit's default is 3 s; with no local
+    echo canceller, as on a phone call, there is nothing to wait for). `userdata` is added
+    to `[session] userdata` (a call's caller, number, headers).
     """
     cfg = config.session
     mode = config.turn_detection
     detector = models.turn_detector() if mode == "model" else None
+    vad = SharedVAD(models.vad())  # one Silero stream for livekit and the STT
     return AgentSession(
-        stt=models.stt(segment_with_vad=mode != "manual"),
-        vad=models.vad(),
+        stt=models.stt(vad=vad if mode != "manual" else None),
+        vad=vad,
         llm=models.llm(tool_choice(config.agent)),
         tts=models.tts(),
         turn_handling=turn_handling(cfg, detector, mode),

@@ -1,6 +1,10 @@
-"""The benchmark's own arithmetic: the critical path from plugin marks, word error rate."""
+"""The benchmark's own arithmetic (the critical path from plugin marks, word error rate)
+and its barge-in measurement on a real session."""
 
 from __future__ import annotations
+
+import asyncio
+from typing import Any
 
 import pytest
 
@@ -41,3 +45,19 @@ def test_word_error_rate() -> None:
     assert word_error_rate("What color is the sky?", "What colors the sky") == 0.4
     assert word_error_rate("a b", "a b c d") == 1.0
     assert word_error_rate("", "anything") is None
+
+
+def test_talking_over_the_agent_stops_it_and_the_measure_sees_where(
+    models: Any, speak: Any
+) -> None:
+    """The default session: the phrase pauses the announcement, and its words end it.
+    The reaction time itself is the benchmark's figure, not asserted here."""
+    from appliance import config as config_mod
+    from appliance.bench_barge_in import barge_in_once
+
+    config = config_mod.parse({}, "<defaults>")
+    phrase = "Wait, stop please."
+    run = asyncio.run(barge_in_once(models, config, "appliance", phrase, speak(phrase, 0.0)))
+    assert run["reaction_ms"] is not None and run["reaction_ms"] > 0, run  # it stopped after
+    assert run["interrupted"] is True, run
+    assert run["paused_or_cut"] == 1, run  # paused once, then cut: never resumed in between

@@ -24,10 +24,14 @@ REFERENCE_DEFAULTS = {
 
 
 # The defaults that differ from the reference, for latency (README, Latency).
-LATENCY_DEFAULTS = {"min_endpointing_delay": 0.3, "preemptive_generation": True}
+LATENCY_DEFAULTS = {
+    "min_endpointing_delay": 0.3,
+    "preemptive_generation": True,
+    "min_interruption_duration": 0.1,
+}
 
 
-def test_defaults_are_the_reference_defaults_but_two() -> None:
+def test_defaults_are_the_reference_defaults_but_three() -> None:
     session = config_mod.Config().session
     for key, value in {**REFERENCE_DEFAULTS, **LATENCY_DEFAULTS}.items():
         assert getattr(session, key) == value, key

@@ -188,7 +188,7 @@ def test_losing_the_sound_card_mid_reply_and_getting_it_back(
     result = run_kiosk(models, kiosk_config(), scenario)
     print(f"\nsound card back after {result['reconnect_s']:.2f} s")
     assert result["reconnect_s"] < 2.0, result
-    assert result["frames_after"] > 50, result  # the microphone flows again
+    assert result["frames_after"] > 25, result  # the microphone flows again (20 ms frames)
     lost = [r for r in caplog.records if "unavailable" in r.getMessage()]
     back = [r for r in caplog.records if "is back" in r.getMessage()]
     assert 1 <= len(lost) <= 2 and len(back) == len(lost), [r.getMessage() for r in caplog.records]

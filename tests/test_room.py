@@ -35,6 +35,7 @@ from appliance.usbaudio import UsbAudio
 from .conftest import transcribed_as
 from .test_kiosk import ask, kiosk_config, rms, run_kiosk
 from .test_sip import (
+    ECHO_PHONE,
     SIPP,
     Recorder,
     finish,
@@ -195,7 +196,7 @@ def test_the_mixer_sums_tracks_clips_and_keeps_the_newest() -> None:
 
 
 def room_config(port: int, secret_file: Path, **lk: Any) -> Any:
-    config = sip_config(port)
+    config = sip_config(port, ECHO_PHONE)  # the calls here go to an echo
     livekit = LivekitConfig(
         enabled=True,
         api_key=KEY,

@@ -54,10 +54,17 @@ class Recorder(Service):
         super()._session_started(conv)
 
 
-def sip_config(port: int, **sip: Any) -> config_mod.Config:
+# sipp's RTP echo returns the agent's own voice at full level at once, which no real phone
+# does (they cancel their echo): the agent would stop at the echo of its first syllables.
+# Calls to an echo need 10 s of speech to interrupt, so the greeting comes back whole.
+# (Not allow_interruptions = false: livekit then drops what the user says over the agent.)
+ECHO_PHONE = {"min_interruption_duration": 10.0}
+
+
+def sip_config(port: int, session: dict[str, Any] | None = None, **sip: Any) -> config_mod.Config:
     return config_mod.parse(
         {
-            "session": {"turn_detection": "vad"},
+            "session": {"turn_detection": "vad", **(session or {})},
             "agent": {"greeting": "Hello."},
             "sip": {
                 "enabled": True,
@@ -382,7 +389,7 @@ def test_an_outbound_call_to_an_echo_hears_itself(models: Any, tmp_path: Path) -
         result["uas"] = await finish(uas, tmp_path)
         return result
 
-    out = run_sip(models, sip_config(port), scenario)
+    out = run_sip(models, sip_config(port, ECHO_PHONE), scenario)
     assert out["uas"][0] == 0, out["uas"][1]
     assert out["received"] > 50  # the echo came back
     assert out["info"]["direction"] == "outbound"
@@ -735,7 +742,10 @@ def test_appliance_dial_places_a_call_and_hangs_up_on_sigterm(tmp_path: Path) ->
 
     echo_port = free_udp_port()
     config = tmp_path / "dial.toml"
-    config.write_text('[session]\nturn_detection = "vad"\n[agent]\ngreeting = "Hello."\n')
+    config.write_text(
+        '[session]\nturn_detection = "vad"\nmin_interruption_duration = 10.0\n'  # ECHO_PHONE
+        '[agent]\ngreeting = "Hello."\n'
+    )
 
     async def main() -> dict[str, Any]:
         uas = await start_sipp(tmp_path, None, "-sn", "uas", "-rtp_echo", port=echo_port)

@@ -69,9 +69,9 @@ def test_capture_is_bit_exact_at_the_session_rate(alsa_files: Path) -> None:
         try:
             frames = []
             async for frame in usb.microphone:
-                assert frame.sample_rate == 16000 and frame.samples_per_channel == 160
+                assert frame.sample_rate == 16000 and frame.samples_per_channel == 320  # 20 ms
                 frames.append(np.frombuffer(bytes(frame.data), np.int16))
-                if len(frames) == 200:
+                if len(frames) == 100:
                     break
             return np.concatenate(frames)
         finally:

@@ -35,6 +35,7 @@ from livekit.agents.types import (
 
 from .. import trace
 from ..fileaudio import mono16, resample
+from .shared_vad import SharedVAD
 
 logger = logging.getLogger("appliance.stt")
 
@@ -231,6 +232,7 @@ class WhisperStream(stt.RecognizeStream):
         self._jobs: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._quiet_s = 0.0  # silence so far at the end of the segment (VAD's view)
         self._preflight: _Job | None = None  # transcribed at the first pause, if still valid
+        self._resampler: rtc.AudioResampler | None = None  # a shared VAD's audio to 16 kHz
 
     def _queue_final(self, speech_end_time: float) -> None:
         self._finals_pending += 1
@@ -342,9 +344,35 @@ class WhisperStream(stt.RecognizeStream):
                 )
             )
 
-    async def _run(self) -> None:
-        vad_stream = self._owner._vad.stream() if self._owner._vad is not None else None
+    def _on_shared_vad_event(self, event: vad.VADEvent) -> None:
+        """An event of the session's VAD stream. The audio comes from the events too (each
+        inference carries its window's samples), so segments line up with the decisions
+        exactly, even where the session's audio reaches this stream later (resampled)."""
+        if event.type == vad.VADEventType.INFERENCE_DONE:
+            for frame in event.frames:
+                if frame.sample_rate != SAMPLE_RATE:
+                    if self._resampler is None:
+                        self._resampler = rtc.AudioResampler(frame.sample_rate, SAMPLE_RATE)
+                    for out in self._resampler.push(frame):
+                        self._add_audio(np.frombuffer(out.data, dtype=np.int16).copy())
+                else:
+                    self._add_audio(np.frombuffer(frame.data, dtype=np.int16).copy())
+        self._on_vad_event(event)
 
+    async def _run(self) -> None:
+        owner_vad = self._owner._vad
+        if isinstance(owner_vad, SharedVAD):  # the session runs it: listen to its events
+            owner_vad.listeners.append(self._on_shared_vad_event)
+            try:
+                await self._run_with(None, audio_from_input=False)
+            finally:
+                owner_vad.listeners.remove(self._on_shared_vad_event)
+        else:
+            await self._run_with(owner_vad.stream() if owner_vad is not None else None)
+
+    async def _run_with(
+        self, vad_stream: vad.VADStream | None, *, audio_from_input: bool = True
+    ) -> None:
         async def _forward() -> None:
             async for item in self._input_ch:
                 if isinstance(item, self._FlushSentinel):
@@ -352,7 +380,8 @@ class WhisperStream(stt.RecognizeStream):
                     continue
                 if vad_stream is not None:
                     vad_stream.push_frame(item)
-                self._add_audio(np.frombuffer(item.data, dtype=np.int16).copy())
+                if audio_from_input:
+                    self._add_audio(np.frombuffer(item.data, dtype=np.int16).copy())
             self._jobs.put_nowait(None)
 
         async def _vad_events() -> None:
