@@ -87,7 +87,7 @@ class ModelsConfig(_Section):
     stt_window: Literal["fit", "full"] = "fit"
     llm_threads: int = Field(0, ge=0, le=64)
     llm_requantize: Literal["", "q4_0", "q8_0"] = ""
-    stt_preflight: float = Field(0.05, ge=0.0, le=2.0)
+    stt_preflight: float = Field(0.02, ge=0.0, le=2.0)  # the first quiet VAD window (32 ms)
     tts_chunks: Literal["clause", "sentence"] = "clause"
     verify: bool = True
 
