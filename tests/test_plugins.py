@@ -55,8 +55,8 @@ def test_stt_flush_gives_the_final_transcript_at_once(models: Any, speak: Any) -
     events = asyncio.run(main())
     finals = [e for e in events if e.type == stt.SpeechEventType.FINAL_TRANSCRIPT]
     assert len(finals) >= 2
-    text = finals[0].alternatives[0].text.lower()
-    assert "kitchen" in text and "lights" in text, text
+    text = finals[0].alternatives[0].text
+    assert transcribed_as("Turn on the kitchen lights.", text), text  # Piper varies
     assert finals[0].alternatives[0].language == "en"  # the turn model needs a language
     assert finals[1].alternatives[0].text == ""
 
