@@ -80,7 +80,10 @@ class ModelSet:
         t = time.perf_counter()
         gguf = path(cfg.llm, ".gguf")
         if cfg.llm_requantize:
-            sha256 = self.entries[cfg.llm].file(".gguf").sha256 or store.sha256_of(gguf)
+            entry = self.entries[cfg.llm]
+            trust = store.TrustStore(self.root)  # the digest verification just checked
+            sha256 = store.expected_digest(entry, entry.file(".gguf"), trust)
+            sha256 = sha256 or store.sha256_of(gguf)  # unverified ([models] verify = false)
             gguf = requantized(gguf, sha256, cfg.llm_requantize, store.cache_dir())
         self.llama = LocalLlama(
             str(gguf),

@@ -134,10 +134,10 @@ def build_session(
 ) -> AgentSession:
     """A new AgentSession over the shared models. Call inside the running event loop.
 
-    `aec_warmup_duration`: seconds at the start of each reply when the user cannot
-    interrupt, while a local echo canceller adapts (livekit's default is 3 s; with no local
-    echo canceller, as on a phone call, there is nothing to wait for). `userdata` is added
-    to `[session] userdata` (a call's caller, number, headers).
+    `aec_warmup_duration`: seconds from the agent's first speech in the session during
+    which the user cannot interrupt, while a local echo canceller adapts (livekit's default
+    is 3 s; with no local echo canceller, as on a phone call, there is nothing to wait for).
+    `userdata` is added to `[session] userdata` (a call's caller, number, headers).
     """
     cfg = config.session
     mode = config.turn_detection
