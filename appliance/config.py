@@ -89,6 +89,7 @@ class ModelsConfig(_Section):
     llm_requantize: Literal["", "q4_0", "q8_0"] = ""
     stt_preflight: float = Field(0.02, ge=0.0, le=2.0)  # the first quiet VAD window (32 ms)
     tts_chunks: Literal["clause", "sentence"] = "clause"
+    tts_first_threads: int = Field(0, ge=0, le=64)  # a reply's first chunk; 0: as `threads`
     verify: bool = True
 
     @model_validator(mode="after")

@@ -22,6 +22,7 @@ import numpy as np
 from . import models as store
 from .config import Config
 from .manifest import load as load_manifest
+from .plugins.priority import Priority
 
 if TYPE_CHECKING:
     from livekit.agents import vad as vad_mod
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
     from .plugins.llama_llm import LlamaLLM
     from .plugins.piper_tts import PiperTTS
+    from .plugins.shared_vad import SharedVAD
     from .plugins.whisper_stt import WhisperSTT
 
 logger = logging.getLogger("appliance.models")
@@ -94,7 +96,10 @@ class ModelSet:
         timed("llm", t)
         t = time.perf_counter()
         self.voice = PiperVoice(
-            path(cfg.tts, ".onnx"), path(cfg.tts, ".onnx.json"), threads=cfg.threads
+            path(cfg.tts, ".onnx"),
+            path(cfg.tts, ".onnx.json"),
+            threads=cfg.threads,
+            urgent_threads=cfg.tts_first_threads,
         )
         timed("tts", t)
         self.smart_turn = None
@@ -105,6 +110,7 @@ class ModelSet:
             self.smart_turn = SmartTurnModel(path(cfg.turn_model, ".onnx"), threads=1)
             timed("turn", t)
 
+        self.priority = Priority()  # a reply's first audio renders while the LLM waits
         self.stt_executor = ThreadPoolExecutor(1, thread_name_prefix="stt")
         self.llm_executor = ThreadPoolExecutor(1, thread_name_prefix="llm")
         self.tts_executor = ThreadPoolExecutor(1, thread_name_prefix="tts")
@@ -156,6 +162,7 @@ class ModelSet:
             max_tokens=cfg.llm_max_tokens,
             temperature=cfg.llm_temperature,
             tool_choice=tool_choice,
+            priority=self.priority,
         )
 
     def tts(self, *, chunks: str | None = None) -> PiperTTS:
@@ -167,17 +174,21 @@ class ModelSet:
             model_name=self.config.models.tts.split("/", 1)[1],
             executor=self.tts_executor,
             clauses=(chunks or self.config.models.tts_chunks) == "clause",
+            priority=self.priority,
         )
 
-    def turn_detector(self, name: str | None = None) -> _StreamingTurnDetector:
-        """An end-of-turn model: `name`, or [models] turn_model."""
+    def turn_detector(
+        self, name: str | None = None, *, vad: SharedVAD | None = None
+    ) -> _StreamingTurnDetector:
+        """An end-of-turn model: `name`, or [models] turn_model. Given the session's `vad`,
+        smart-turn starts each prediction at the first quiet VAD window after speech."""
         name = name or self.config.models.turn_model
         if name.startswith("smart-turn/"):
             from .plugins.smart_turn import SmartTurnDetector
 
             if self.smart_turn is None:
                 raise store.ModelError(f"{name} was not loaded by this model set")
-            return SmartTurnDetector(self.smart_turn, executor=self.turn_executor)
+            return SmartTurnDetector(self.smart_turn, executor=self.turn_executor, vad=vad)
         from livekit.agents import inference
 
         return inference.TurnDetector(version="v1-mini")

@@ -141,8 +141,8 @@ def build_session(
     """
     cfg = config.session
     mode = config.turn_detection
-    detector = models.turn_detector() if mode == "model" else None
-    vad = SharedVAD(models.vad())  # one Silero stream for livekit and the STT
+    vad = SharedVAD(models.vad())  # one Silero stream for livekit, the STT and smart-turn
+    detector = models.turn_detector(vad=vad) if mode == "model" else None
     return AgentSession(
         stt=models.stt(vad=vad if mode != "manual" else None),
         vad=vad,

@@ -8,12 +8,14 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from appliance.plugins.piper_tts import PiperTTS, PiperVoice, PiperVoiceError
+from appliance.plugins.priority import Priority
 
 from .conftest import model_file
 
@@ -199,3 +201,46 @@ def test_streamed_replies_are_spoken_clause_by_clause(voice: PiperVoice) -> None
 
     count, sizes = asyncio.run(main())
     assert count > 1 and sum(sizes) > voice.sample_rate  # over a second of speech
+
+
+class _RecordingPriority(Priority):
+    """Counts the urgent jobs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urgent_jobs = 0
+
+    @contextmanager
+    def urgent(self) -> Iterator[None]:
+        self.urgent_jobs += 1
+        with super().urgent():
+            yield
+
+
+def test_a_replys_first_chunk_renders_as_urgent_with_more_threads() -> None:
+    voice = PiperVoice(MODEL, CONFIG, threads=1, urgent_threads=2)
+    phonemes = voice.phonemize("The boiling point")[0]
+    plain, urgent = (
+        voice.synthesize_phonemes(phonemes),
+        voice.synthesize_phonemes(phonemes, urgent=True),
+    )
+    # the same voice on two threads (the noise in Piper's durations makes it vary a little)
+    assert 0.7 < len(urgent) / len(plain) < 1.4 and _rms(urgent) > 500
+    assert PiperVoice(MODEL, CONFIG, threads=2, urgent_threads=2)._urgent_session is None
+
+    priority = _RecordingPriority()
+
+    async def main() -> int:
+        engine = PiperTTS(voice, clauses=True, priority=priority)
+        frames = 0
+        for _ in range(2):  # two replies: each has one urgent first chunk
+            async with engine.stream() as stream:
+                stream.push_text("The boiling point of water is one hundred degrees, at sea level.")
+                stream.end_input()
+                async for _ev in stream:
+                    frames += 1
+        await engine.aclose()
+        return frames
+
+    assert asyncio.run(main()) > 2
+    assert priority.urgent_jobs == 2

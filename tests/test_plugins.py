@@ -20,6 +20,7 @@ from appliance.plugins.llama_llm import (
     _parse_calls,
     requantized,
 )
+from appliance.plugins.priority import Priority
 from appliance.plugins.shared_vad import SharedVAD
 from appliance.plugins.whisper_stt import WhisperSTT
 
@@ -316,3 +317,45 @@ def test_whisper_in_a_fitted_window_and_in_the_full_one(
     assert 0.3 < confidence <= 1.0
     silence = np.zeros(32000, np.float32)
     assert transcribe(models.whisper, silence, "en", window=window)[0] == ""
+
+
+def test_the_llm_waits_between_tokens_while_a_first_audio_renders(models: Any) -> None:
+    """While a job runs `urgent()` (Piper on a reply's first chunk) the LLM gives no
+    further token; when it ends, the reply goes on."""
+    priority = Priority()
+
+    async def main() -> tuple[list[float], float]:
+        engine = LlamaLLM(
+            models.llama,
+            models.llm_executor,
+            model_name="smollm2",
+            max_tokens=20,
+            priority=priority,
+        )
+        ctx = llm.ChatContext.empty()
+        ctx.add_message(role="user", content="Count from one to twenty.")
+        loop = asyncio.get_running_loop()
+        arrivals: list[float] = []
+        released = 0.0
+        urgent = priority.urgent()
+        urgent.__enter__()
+
+        async def release_soon() -> None:
+            nonlocal released
+            await asyncio.sleep(0.1)  # well under the LLM's longest wait (MAX_WAIT_S)
+            released = loop.time()
+            urgent.__exit__(None, None, None)
+
+        tasks = []
+        async with engine.chat(chat_ctx=ctx) as stream:
+            async for chunk in stream:
+                if chunk.delta and chunk.delta.content:
+                    arrivals.append(loop.time())
+                    if len(arrivals) == 1:
+                        tasks.append(asyncio.create_task(release_soon()))
+        await asyncio.gather(*tasks)
+        return arrivals, released
+
+    arrivals, released = asyncio.run(main())
+    assert len(arrivals) > 2 and released > 0
+    assert all(t >= released for t in arrivals[1:])  # none while the urgent job ran

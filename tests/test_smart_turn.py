@@ -311,3 +311,100 @@ def test_inference_runs_off_the_event_loop(
     assert model.threads[0] is not threading.main_thread()
     if use_executor:
         assert model.threads[0].name.startswith("turn-test")
+
+
+# -- the head start at the first pause --------------------------------------------------------
+
+
+class _RecordingModel(SmartTurnModel):
+    """The real model, noting how much audio each prediction saw and what it said. While
+    `doubting`, every verdict is "not done" (to reach the re-check)."""
+
+    def __init__(self, path: Path, *, doubting: bool = False) -> None:
+        super().__init__(path)
+        self.calls: list[tuple[int, float]] = []
+        self.doubting = doubting
+
+    def predict(self, pcm16k: np.ndarray) -> float:
+        p = 0.1 if self.doubting else super().predict(pcm16k)
+        self.calls.append((len(pcm16k), p))
+        return p
+
+
+def _frames_16k(pcm: np.ndarray) -> list[rtc.AudioFrame]:
+    data = pcm[: len(pcm) // 160 * 160].astype(np.int16).tobytes()
+    return [rtc.AudioFrame(data[i : i + 320], 16000, 1, 160) for i in range(0, len(data), 320)]
+
+
+async def _early_then_ask(model: _RecordingModel, parts: list[np.ndarray]) -> tuple[float, int]:
+    """Feed the parts (speech and pauses) in real time to a shared Silero VAD stream and a
+    detector stream, as a session does, and ask for a prediction once the last pause has
+    lasted 250 ms. Returns the probability and the number of model calls before the ask."""
+    from livekit.agents import inference
+
+    from appliance.plugins.shared_vad import SharedVAD
+
+    shared = SharedVAD(inference.VAD(model="silero"))
+    session_vad = shared.stream()
+    drain = asyncio.create_task(_drain(session_vad))
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="turn-test") as pool:
+        stream = SmartTurnDetector(model, executor=pool, vad=shared).stream()
+        for frame in _frames_16k(np.concatenate(parts)):
+            stream.push_audio(frame)
+            session_vad.push_frame(frame)
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # the VAD's last windows
+        calls_before = len(model.calls)
+        model.doubting = False
+        event = await asyncio.wait_for(stream.predict(), 10)
+        await stream.aclose()
+    await session_vad.aclose()
+    drain.cancel()
+    return event.end_of_turn_probability, calls_before
+
+
+async def _drain(stream: object) -> None:
+    async for _ in stream:  # type: ignore[attr-defined]
+        pass
+
+
+def _last_loud(pcm: np.ndarray) -> int:
+    return int(np.flatnonzero(np.abs(pcm.astype(np.int32)) > 300)[-1])
+
+
+def test_the_prediction_starts_at_the_pause_and_answers_the_session(
+    speech: dict[str, np.ndarray],
+) -> None:
+    model = _RecordingModel(MODEL_PATH)
+    pause = np.zeros(int(0.4 * 16000), np.int16)
+    prob, before = asyncio.run(_early_then_ask(model, [speech["complete"], pause]))
+    print(f"\ncalls (samples seen, p): {model.calls}")
+    # the model ran in the pause after the last word, before the session asked; a pause
+    # between words (espeak-ng leaves one) may have started one before, dropped since
+    assert before >= 1 and len(model.calls) == before
+    assert model.calls[-1][0] > _last_loud(speech["complete"])
+    assert prob == pytest.approx(model.calls[-1][1])
+
+
+def test_speech_after_an_early_prediction_drops_it(speech: dict[str, np.ndarray]) -> None:
+    model = _RecordingModel(MODEL_PATH)
+    short = np.zeros(int(0.15 * 16000), np.int16)  # a pause the VAD does not end speech on
+    pause = np.zeros(int(0.4 * 16000), np.int16)
+    parts = [speech["truncated"], short, speech["complete"], pause]
+    prob, before = asyncio.run(_early_then_ask(model, parts))
+    print(f"\ncalls (samples seen, p): {model.calls}")
+    assert before >= 2 and len(model.calls) == before  # one in each pause at least
+    words_end = len(speech["truncated"]) + len(short) + _last_loud(speech["complete"])
+    assert model.calls[0][0] < words_end < model.calls[-1][0]
+    assert prob == pytest.approx(model.calls[-1][1])  # the one made on all the words
+
+
+def test_an_early_not_done_is_checked_again_on_the_whole_pause(
+    speech: dict[str, np.ndarray],
+) -> None:
+    model = _RecordingModel(MODEL_PATH, doubting=True)
+    pause = np.zeros(int(0.4 * 16000), np.int16)
+    prob, before = asyncio.run(_early_then_ask(model, [speech["complete"], pause]))
+    assert len(model.calls) == before + 1  # asked again when the session asked
+    assert model.calls[-1][0] > model.calls[-2][0]  # on more of the pause
+    assert prob == pytest.approx(model.calls[-1][1]) and prob != 0.1

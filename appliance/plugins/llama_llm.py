@@ -34,6 +34,7 @@ from llama_cpp import Llama, LlamaGrammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .. import trace
+from .priority import Priority
 
 logger = logging.getLogger("appliance.llm")
 
@@ -230,9 +231,12 @@ class LlamaLLM(llm.LLM):
         max_tokens: int = 96,
         temperature: float = 0.3,
         tool_choice: llm.ToolChoice | None = None,
+        priority: Priority | None = None,
     ) -> None:
+        """`priority`: the LLM waits between tokens while a reply's first audio renders."""
         super().__init__()
         self._local = model
+        self._priority = priority
         self._executor = executor
         self._model_name = model_name
         self._max_tokens = max_tokens
@@ -282,7 +286,7 @@ class LlamaStream(llm.LLMStream):
         self, messages: list[dict[str, Any]], schemas: list[dict[str, Any]], push: Any
     ) -> None:
         """Worker thread: render, generate, push ('text'|'call'|'usage', value) items."""
-        local = self._owner._local
+        local, priority = self._owner._local, self._owner._priority
         choice = self._choice if schemas else "none"
         if messages and messages[-1].get("role") == "tool":
             choice = "none"  # a forced call is answered once; then the model speaks the result
@@ -318,6 +322,8 @@ class LlamaStream(llm.LLMStream):
                         push(("text", text))
                 elif mode == "text" and piece:
                     push(("text", piece))
+                if priority is not None:
+                    priority.wait_turn()  # before the next token: a first audio may render
         finally:
             close = getattr(stream, "close", None)
             if close is not None:

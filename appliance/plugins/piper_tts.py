@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import json
 import logging
 import re
@@ -31,6 +30,7 @@ from livekit.agents.tokenize.tokenizer import SentenceStream
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, APIConnectOptions
 
 from .. import trace
+from .priority import Priority
 
 logger = logging.getLogger(__name__)
 
@@ -180,12 +180,34 @@ class ClauseTokenizer(tokenize.SentenceTokenizer):
         return BufferedSentenceStream(tokenizer=split, min_token_len=self.min_len, min_ctx_len=2)
 
 
+def _load_session(model_path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads > 1:  # idle worker threads sleep instead of spinning on the other models' cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(
+            str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise PiperVoiceError(f"cannot load Piper voice model {model_path}: {e}") from e
+
+
 class PiperVoice:
     """A loaded Piper voice: heavy, loaded once per process, shared by sessions,
     thread-safe for synthesis."""
 
-    def __init__(self, model_path: Path, config_path: Path, *, threads: int = 1) -> None:
+    def __init__(
+        self, model_path: Path, config_path: Path, *, threads: int = 1, urgent_threads: int = 0
+    ) -> None:
         """Load the voice's ``.onnx.json`` config and ``.onnx`` model.
+
+        ``urgent_threads`` above ``threads`` loads the model a second time with that many
+        threads, for `synthesize_phonemes(urgent=True)`: a reply's first chunk, rendered
+        while the other models wait (`Priority`), may use every core.
 
         Raises PiperVoiceError naming the file when either cannot be read, and
         EspeakNotFoundError when the espeak-ng program is missing.
@@ -220,17 +242,10 @@ class PiperVoice:
             raise EspeakNotFoundError()
         self._espeak = espeak
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self._session = ort.InferenceSession(
-                str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise PiperVoiceError(f"cannot load Piper voice model {model_path}: {e}") from e
+        self._session = _load_session(model_path, threads)
+        self._urgent_session = (
+            _load_session(model_path, urgent_threads) if urgent_threads > threads else None
+        )
         self._inputs = {i.name for i in self._session.get_inputs()}
         if not {"input", "input_lengths"} <= self._inputs:
             raise PiperVoiceError(
@@ -312,11 +327,12 @@ class PiperVoice:
         return ids
 
     def synthesize_phonemes(
-        self, phonemes: str, *, run_options: ort.RunOptions | None = None
+        self, phonemes: str, *, run_options: ort.RunOptions | None = None, urgent: bool = False
     ) -> np.ndarray:
         """Blocking: int16 mono audio for one sentence's phoneme string (may be empty).
 
         Setting ``run_options.terminate`` from another thread aborts the inference.
+        ``urgent`` runs it with the ``urgent_threads`` copy of the model, if loaded.
         """
         ids = self._phoneme_ids(phonemes)
         if len(ids) <= 3:  # BOS, pad, EOS: nothing to say
@@ -329,7 +345,8 @@ class PiperVoice:
             feeds["scales"] = self._scales
         if "sid" in self._inputs:
             feeds["sid"] = np.array([0], dtype=np.int64)
-        audio = np.asarray(self._session.run(None, feeds, run_options)[0]).reshape(-1)
+        session = self._urgent_session if urgent and self._urgent_session else self._session
+        audio = np.asarray(session.run(None, feeds, run_options)[0]).reshape(-1)
         pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
         return pcm[self._leading_silence(pcm) :]
 
@@ -361,11 +378,13 @@ class PiperTTS(tts.TTS):
         model_name: str = "en_US-joe-medium",
         executor: concurrent.futures.Executor | None = None,
         clauses: bool = False,
+        priority: Priority | None = None,
     ) -> None:
         """``executor`` runs the blocking synthesis; None uses the loop's default executor.
 
         ``clauses``: streamed text (a reply) is synthesized clause by clause, the first
         clause as soon as the LLM has written it; otherwise livekit cuts it into sentences.
+        ``priority``: a streamed reply's first chunk is rendered as urgent (the LLM waits).
         """
         super().__init__(
             capabilities=tts.TTSCapabilities(streaming=clauses),
@@ -376,6 +395,8 @@ class PiperTTS(tts.TTS):
         self._model_name = model_name
         self._executor = executor
         self._adapter: tts.StreamAdapter | None = None
+        self._priority = priority
+        self._first_of_reply = False  # the next synthesize() is a streamed reply's first
 
     @property
     def model(self) -> str:
@@ -392,7 +413,10 @@ class PiperTTS(tts.TTS):
     def synthesize(
         self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
     ) -> tts.ChunkedStream:
-        return _PiperChunkedStream(tts=self, input_text=text, conn_options=conn_options)
+        urgent, self._first_of_reply = self._first_of_reply, False
+        return _PiperChunkedStream(
+            tts=self, input_text=text, conn_options=conn_options, urgent=urgent
+        )
 
     def stream(
         self, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
@@ -401,6 +425,7 @@ class PiperTTS(tts.TTS):
             return super().stream(conn_options=conn_options)
         if self._adapter is None:
             self._adapter = tts.StreamAdapter(tts=self, sentence_tokenizer=ClauseTokenizer())
+        self._first_of_reply = True  # the adapter synthesizes the reply's chunks in order
         return self._adapter.stream(conn_options=conn_options)
 
     async def aclose(self) -> None:
@@ -412,9 +437,24 @@ class PiperTTS(tts.TTS):
 class _PiperChunkedStream(tts.ChunkedStream):
     """Synthesizes sentence by sentence off the event loop, pushing each one when ready."""
 
-    def __init__(self, *, tts: PiperTTS, input_text: str, conn_options: APIConnectOptions):
+    def __init__(
+        self,
+        *,
+        tts: PiperTTS,
+        input_text: str,
+        conn_options: APIConnectOptions,
+        urgent: bool = False,
+    ) -> None:
         super().__init__(tts=tts, input_text=input_text, conn_options=conn_options)
         self._piper = tts
+        self._urgent = urgent and tts._priority is not None
+
+    def _render(self, voice: PiperVoice, phonemes: str, run_options: ort.RunOptions) -> np.ndarray:
+        """Executor job: one sentence; the first of an urgent chunk keeps the LLM waiting."""
+        if self._urgent and self._piper._priority is not None:
+            with self._piper._priority.urgent():
+                return voice.synthesize_phonemes(phonemes, run_options=run_options, urgent=True)
+        return voice.synthesize_phonemes(phonemes, run_options=run_options)
 
     async def _run(self, output_emitter: tts.AudioEmitter) -> None:
         voice, executor = self._piper.voice, self._piper._executor
@@ -435,15 +475,13 @@ class _PiperChunkedStream(tts.ChunkedStream):
                 run_options = ort.RunOptions()
                 try:
                     audio = await loop.run_in_executor(
-                        executor,
-                        functools.partial(
-                            voice.synthesize_phonemes, phonemes, run_options=run_options
-                        ),
+                        executor, self._render, voice, phonemes, run_options
                     )
                 except asyncio.CancelledError:
                     run_options.terminate = True
                     raise
                 if audio.size:
+                    self._urgent = False  # the first audio is out: the rest is not urgent
                     if not pushed:
                         trace.mark("tts.first_audio")
                     output_emitter.push(audio.tobytes())

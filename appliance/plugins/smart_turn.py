@@ -6,6 +6,13 @@ AgentSession (which also needs a VAD with ``min_silence_duration >= 0.25`` s). E
 keeps the last 8 s of 16 kHz audio since its last flush; when the session asks for a
 prediction (after 200 ms of VAD silence) the model runs on an executor, never on the loop.
 
+Given the session's `SharedVAD`, a stream starts the model at the first quiet VAD window
+after speech instead (about 100 ms after the last word, with Whisper's preflight), and
+answers the session's request with that result if no speech came in between and it says
+the turn is complete: the model is then done before the reply's first audio is
+synthesized, not running beside it. A "not complete" early verdict is checked again on the
+whole pause when the session asks, as without the head start.
+
 The model reads 8 s of audio as a Whisper log-mel spectrogram (80 x 800) and outputs
 P(turn complete); the session treats a probability below 0.5 as "the user is not done".
 """
@@ -14,10 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -25,6 +32,7 @@ import numpy as np
 import onnxruntime as ort
 from faster_whisper.feature_extractor import FeatureExtractor
 from livekit import rtc
+from livekit.agents import vad
 from livekit.agents.inference.eot.base import (
     TurnDetectorOptions,
     _BaseStreamingTurnDetector,
@@ -37,6 +45,8 @@ from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, APIConnectOptions
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
+
+    from .shared_vad import SharedVAD
 
 logger = logging.getLogger("appliance.turn")
 
@@ -53,6 +63,7 @@ UNLIKELY_THRESHOLD = 0.5
 _NORM_EPS = 1e-7
 _MAX_DRAIN_YIELDS = 20
 _FAILURE_PROBABILITY = 1.0  # a failed prediction commits after the min endpointing delay
+_SPEECH_PROBABILITY = 0.5  # the VAD's activation threshold
 
 
 class SmartTurnModelError(RuntimeError):
@@ -136,7 +147,12 @@ class SmartTurnModel:
 
 
 class _SmartTurnTransport:
-    """Local transport: buffers 16 kHz audio and runs `SmartTurnModel` off the event loop."""
+    """Local transport: buffers 16 kHz audio and runs `SmartTurnModel` off the event loop.
+
+    With a `SharedVAD`, the first quiet VAD window after speech starts an early prediction
+    on the audio so far; the session's next request takes its result unless the user spoke
+    again (or the stream was flushed) in between, or it was below the threshold.
+    """
 
     def __init__(
         self,
@@ -144,15 +160,20 @@ class _SmartTurnTransport:
         model: SmartTurnModel,
         detector: SmartTurnDetector,
         executor: concurrent.futures.Executor | None,
+        vad: SharedVAD | None = None,
     ) -> None:
         self._model = model
         self._detector_ref = weakref.ref(detector)
         self._executor = executor
+        self._vad = vad
         self._buf = np.zeros(2 * WINDOW_SAMPLES, dtype=np.int16)
         self._len = 0
         self._stream_ref: weakref.ref[_BaseStreamingTurnDetectorStream] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._warned_failure = False
+        self._heard_speech = False
+        self._early: asyncio.Task[float | None] | None = None  # valid while set
+        self._generation = 0  # counts speech and flushes: what an early prediction outlives
 
     @property
     def session_id(self) -> str | None:
@@ -160,8 +181,13 @@ class _SmartTurnTransport:
 
     def attach(self, stream: _BaseStreamingTurnDetectorStream) -> None:
         self._stream_ref = weakref.ref(stream)
+        if self._vad is not None and self._on_vad_event not in self._vad.listeners:
+            self._vad.listeners.append(self._on_vad_event)
 
     def detach(self) -> None:
+        if self._vad is not None and self._on_vad_event in self._vad.listeners:
+            self._vad.listeners.remove(self._on_vad_event)
+        self._drop_early()
         for task in list(self._tasks):
             task.cancel()
         self._tasks.clear()
@@ -189,13 +215,40 @@ class _SmartTurnTransport:
 
     def flush(self) -> None:
         self._len = 0
+        self._drop_early()  # a new turn: an early result belongs to the last one
+
+    def _drop_early(self) -> None:
+        self._early = None
+        self._generation += 1
 
     def buffered(self) -> NDArray[np.int16]:
         """A copy of the audio a prediction would see now (at most 8 s)."""
         return self._buf[max(0, self._len - WINDOW_SAMPLES) : self._len].copy()
 
+    def _on_vad_event(self, event: vad.VADEvent) -> None:
+        """Speech drops an early prediction; the first quiet window after it starts one."""
+        speech = event.type == vad.VADEventType.START_OF_SPEECH or (
+            event.type == vad.VADEventType.INFERENCE_DONE
+            and event.probability >= _SPEECH_PROBABILITY
+        )
+        if speech:
+            self._heard_speech = True
+            self._drop_early()
+        elif (
+            event.type == vad.VADEventType.INFERENCE_DONE
+            and self._heard_speech
+            and self._stream() is not None
+        ):
+            self._heard_speech = False
+            generation = self._generation
+            early = asyncio.ensure_future(self._infer(lambda: self._generation == generation))
+            self._early = early
+            self._tasks.add(early)
+            early.add_done_callback(self._tasks.discard)
+
     def run_inference(self, request_id: str) -> None:
-        task = asyncio.create_task(self._predict(request_id, time.monotonic()))
+        early, self._early = self._early, None  # one request per early prediction
+        task = asyncio.create_task(self._predict(request_id, time.monotonic(), early))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -206,13 +259,10 @@ class _SmartTurnTransport:
         stream = self._stream()
         return stream is not None and stream._request_id == request_id
 
-    def _predict_blocking(self, request_id: str, pcm: NDArray[np.int16]) -> float | None:
-        if not self._is_current(request_id):
-            return None  # superseded while queued on the executor: skip the model
-        return self._model.predict(pcm)
-
-    async def _predict(self, request_id: str, requested_at: float) -> None:
-        # Audio pushed just before predict() may still sit in the stream's channel: let the
+    async def _infer(self, wanted: Callable[[], bool]) -> float | None:
+        """P(turn complete) for the audio buffered now, or None when no longer `wanted`
+        by the time the executor gets to it (superseded while queued: the model is skipped)."""
+        # Audio pushed just before this may still sit in the stream's channel: let the
         # drain task (which empties it without yielding) catch up before taking the snapshot.
         for _ in range(_MAX_DRAIN_YIELDS):
             stream = self._stream()
@@ -221,19 +271,30 @@ class _SmartTurnTransport:
             await asyncio.sleep(0)
         pcm = self.buffered()
 
-        fn = functools.partial(self._predict_blocking, request_id, pcm)
-        t0 = time.monotonic()
-        prob: float | None
+        def blocking() -> float | None:
+            return self._model.predict(pcm) if wanted() else None
+
         try:
             if self._executor is not None:
-                prob = await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-            else:
-                prob = await asyncio.to_thread(fn)
+                return await asyncio.get_running_loop().run_in_executor(self._executor, blocking)
+            return await asyncio.to_thread(blocking)
         except Exception:
             if not self._warned_failure:
                 logger.exception("smart-turn prediction failed; committing turns on VAD alone")
                 self._warned_failure = True
-            prob = _FAILURE_PROBABILITY
+            return _FAILURE_PROBABILITY
+
+    async def _predict(
+        self, request_id: str, requested_at: float, early: asyncio.Task[float | None] | None
+    ) -> None:
+        t0 = time.monotonic()
+        prob = await early if early is not None else None
+        # no early prediction, it was dropped before it ran, or it said "not done": ask
+        # again now, on the audio with the whole pause (a user held up by an early verdict
+        # would wait the max endpointing delay for nothing)
+        if prob is None or prob < UNLIKELY_THRESHOLD:
+            t0 = time.monotonic()
+            prob = await self._infer(lambda: self._is_current(request_id))
         if prob is None:
             return
         now = time.monotonic()
@@ -270,9 +331,10 @@ class SmartTurnStream(_BaseStreamingTurnDetectorStream):
         opts: TurnDetectorOptions,
         model: SmartTurnModel,
         executor: concurrent.futures.Executor | None,
+        vad: SharedVAD | None = None,
     ) -> None:
         self._smart_transport = _SmartTurnTransport(
-            model=model, detector=detector, executor=executor
+            model=model, detector=detector, executor=executor, vad=vad
         )
         super().__init__(
             detector=detector,
@@ -296,7 +358,8 @@ class SmartTurnDetector(_BaseStreamingTurnDetector):
 
     Every language resolves to the same 0.5 ``unlikely_threshold`` (the model is
     multilingual); there is no backchannel probability. Without an executor each
-    prediction runs in ``asyncio.to_thread``.
+    prediction runs in ``asyncio.to_thread``. With `vad` (the session's `SharedVAD`) each
+    stream starts its prediction early, at the first quiet VAD window after speech.
     """
 
     def __init__(
@@ -304,6 +367,7 @@ class SmartTurnDetector(_BaseStreamingTurnDetector):
         model: SmartTurnModel,
         *,
         executor: concurrent.futures.Executor | None = None,
+        vad: SharedVAD | None = None,
     ) -> None:
         # No shipped thresholds exist for this model name, so a scalar override is the
         # only value ThresholdOptions resolves: lookup(any language) -> 0.5.
@@ -313,6 +377,7 @@ class SmartTurnDetector(_BaseStreamingTurnDetector):
         super().__init__(opts=TurnDetectorOptions(sample_rate=SAMPLE_RATE, thresholds=thresholds))
         self._smart_model = model
         self._executor = executor
+        self._vad = vad
 
     @property
     def model(self) -> str:  # type: ignore[override]
@@ -339,5 +404,9 @@ class SmartTurnDetector(_BaseStreamingTurnDetector):
     ) -> SmartTurnStream:
         """A new stream (call inside the running event loop); conn_options is unused."""
         return SmartTurnStream(
-            detector=self, opts=self._opts, model=self._smart_model, executor=self._executor
+            detector=self,
+            opts=self._opts,
+            model=self._smart_model,
+            executor=self._executor,
+            vad=self._vad,
         )
