@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import shutil
 import socket
 import struct
@@ -675,7 +676,11 @@ def test_a_baresip_phone_talks_both_ways_and_sends_dtmf(
         for part in utterances(resample(pcm, rate, 16000))
     )
     replies = [t for r, t in out["items"] if r == "assistant"]
-    assert "hello" in heard and replies[1].split()[-1].strip(".").lower() in heard, heard
+    # the greeting's and the answer's words, but for one in three (Whisper on the phone's
+    # 8 kHz audio has heard "Hello" as "below" and "France is" as "Francis")
+    said = re.findall(r"[a-z0-9']+", " ".join(replies[:2]).lower())
+    got = set(re.findall(r"[a-z0-9']+", heard))
+    assert sum(word in got for word in said) >= 2 / 3 * len(said), (replies[:2], heard)
 
 
 def test_a_caller_off_the_allow_list_needs_credentials(models: Any, tmp_path: Path) -> None:
