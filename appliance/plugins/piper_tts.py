@@ -447,12 +447,12 @@ class _PiperChunkedStream(tts.ChunkedStream):
     ) -> None:
         super().__init__(tts=tts, input_text=input_text, conn_options=conn_options)
         self._piper = tts
-        self._urgent = urgent and tts._priority is not None
+        self._priority = tts._priority if urgent else None  # until its first audio is out
 
     def _render(self, voice: PiperVoice, phonemes: str, run_options: ort.RunOptions) -> np.ndarray:
         """Executor job: one sentence; the first of an urgent chunk keeps the LLM waiting."""
-        if self._urgent and self._piper._priority is not None:
-            with self._piper._priority.urgent():
+        if self._priority is not None:
+            with self._priority.urgent():
                 return voice.synthesize_phonemes(phonemes, run_options=run_options, urgent=True)
         return voice.synthesize_phonemes(phonemes, run_options=run_options)
 
@@ -481,7 +481,7 @@ class _PiperChunkedStream(tts.ChunkedStream):
                     run_options.terminate = True
                     raise
                 if audio.size:
-                    self._urgent = False  # the first audio is out: the rest is not urgent
+                    self._priority = None  # the first audio is out: the rest is not urgent
                     if not pushed:
                         trace.mark("tts.first_audio")
                     output_emitter.push(audio.tobytes())

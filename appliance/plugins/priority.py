@@ -1,10 +1,11 @@
 """A reply's first audio first: the LLM steps aside while Piper renders it.
 
 On a small CPU the models slow each other down when they run at the same time (measured on
-the 2-core bench machine: Piper 1.1-1.5x slower beside another model). After the LLM has
-written a reply's first words it keeps writing the rest while Piper synthesizes them; the
-listener waits for that first chunk only, and the LLM is far ahead of playback. So the
-first chunk runs `urgent()`, and the LLM waits between tokens (`wait_turn()`) meanwhile.
+the 2-core bench machine: Piper 1.5-1.7x slower beside another model, bench/README.md).
+After the LLM has written a reply's first words it keeps writing the rest while Piper
+synthesizes them; the listener waits for that first chunk only, and the LLM is far ahead
+of playback. So the first chunk runs `urgent()`, and the LLM waits between tokens
+(`wait_turn()`) meanwhile.
 """
 
 from __future__ import annotations

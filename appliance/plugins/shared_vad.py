@@ -15,6 +15,8 @@ from livekit import rtc
 from livekit.agents import vad
 
 Listener = Callable[[vad.VADEvent], None]
+SPEECH_PROBABILITY = 0.5
+"""Silero's activation threshold (livekit's default): a window at or above it is speech."""
 
 
 class SharedVAD(vad.VAD):

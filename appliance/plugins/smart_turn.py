@@ -43,6 +43,8 @@ from livekit.agents.metrics import EOTInferenceMetrics
 from livekit.agents.metrics.base import Metadata
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, APIConnectOptions
 
+from .shared_vad import SPEECH_PROBABILITY
+
 if TYPE_CHECKING:
     from numpy.typing import NDArray
 
@@ -63,7 +65,6 @@ UNLIKELY_THRESHOLD = 0.5
 _NORM_EPS = 1e-7
 _MAX_DRAIN_YIELDS = 20
 _FAILURE_PROBABILITY = 1.0  # a failed prediction commits after the min endpointing delay
-_SPEECH_PROBABILITY = 0.5  # the VAD's activation threshold
 
 
 class SmartTurnModelError(RuntimeError):
@@ -229,7 +230,7 @@ class _SmartTurnTransport:
         """Speech drops an early prediction; the first quiet window after it starts one."""
         speech = event.type == vad.VADEventType.START_OF_SPEECH or (
             event.type == vad.VADEventType.INFERENCE_DONE
-            and event.probability >= _SPEECH_PROBABILITY
+            and event.probability >= SPEECH_PROBABILITY
         )
         if speech:
             self._heard_speech = True

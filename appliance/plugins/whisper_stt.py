@@ -35,14 +35,13 @@ from livekit.agents.types import (
 
 from .. import trace
 from ..fileaudio import mono16, resample
-from .shared_vad import SharedVAD
+from .shared_vad import SPEECH_PROBABILITY, SharedVAD
 
 logger = logging.getLogger("appliance.stt")
 
 SAMPLE_RATE = 16000
 _PREFIX_SECONDS = 0.6  # audio kept before VAD's start-of-speech (VAD decides late)
 _MIN_SECONDS = 0.15  # shorter segments are not worth a Whisper call
-_SPEECH_PROBABILITY = 0.5  # the VAD's activation threshold
 
 
 def load_model(model_dir: str, *, threads: int) -> WhisperModel:
@@ -289,7 +288,7 @@ class WhisperStream(stt.RecognizeStream):
         them) and become the final one if the user does not speak again before the VAD
         ends the segment."""
         after = self._owner._preflight_after
-        if event.probability >= _SPEECH_PROBABILITY:
+        if event.probability >= SPEECH_PROBABILITY:
             self._quiet_s = 0.0
             self._preflight = None  # more words came: the final is transcribed afresh
             return
