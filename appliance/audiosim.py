@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import subprocess
 import tempfile
@@ -31,6 +32,7 @@ import numpy as np
 
 RATE = 16000
 BLOCK = 160  # 10 ms
+LATE = int(0.2 * RATE)  # the echo path relocks if the speaker gets this far from it
 
 
 def available() -> bool:
@@ -47,6 +49,7 @@ class Room:
         self.played = bytearray()  # everything the speaker played, 16 kHz int16
         self.played_at: list[tuple[float, int]] = []  # (monotonic time, samples played by then)
         self.echo_written = bytearray()  # the echo part of what the microphone heard
+        self.echo_resyncs = 0  # times the echo path lost its lock on the speaker (see _run)
         self.said_at: list[float] = []  # when each `say` clip started reaching the microphone
         self._say: list[np.ndarray] = []
         self._lock = threading.Lock()
@@ -126,19 +129,27 @@ class Room:
                 return at
         return None
 
+    def _read_speaker(self, spk: int) -> int:
+        """Take what the speaker has played since the last call; returns the total."""
+        try:
+            while data := os.read(spk, 65536):
+                self.played.extend(data)
+                self.played_at.append((time.monotonic(), len(self.played) // 2))
+        except BlockingIOError:
+            pass
+        return len(self.played) // 2
+
     def _run(self) -> None:
+        """Write the microphone in real time; the echo follows the speaker sample by sample
+        (a fixed delay, as in a room), whatever this thread's own timing."""
         spk = os.open(self.root / "spk.fifo", os.O_RDONLY | os.O_NONBLOCK)
         mic = os.open(self.root / "mic.fifo", os.O_RDWR)
         speech: np.ndarray = np.zeros(0, np.int16)
+        echo_at: int | None = None  # the speaker sample this mic block's echo starts at
         t0, n = time.monotonic(), 0
         try:
             while not self._stop.is_set():
-                try:
-                    while data := os.read(spk, 65536):
-                        self.played.extend(data)
-                        self.played_at.append((time.monotonic(), len(self.played) // 2))
-                except BlockingIOError:
-                    pass
+                heard = self._read_speaker(spk)  # speaker samples out so far
                 with self._lock:
                     if self._say and not len(speech):
                         speech = self._say.pop(0)
@@ -148,10 +159,16 @@ class Room:
                     part, speech = speech[:BLOCK], speech[BLOCK:]
                     block[: len(part)] += part
                 echo: np.ndarray = np.zeros(BLOCK, np.float32)
-                if self.echo_gain:
-                    end = len(self.played) // 2 - self.echo_delay
-                    if end >= BLOCK:
-                        echo = self.echo_gain * self.played_pcm(end - BLOCK)[:BLOCK]
+                if self.echo_gain and echo_at is not None and heard < echo_at + BLOCK:  # late sink
+                    select.select([spk], [], [], 0.05)
+                    heard = self._read_speaker(spk)
+                if echo_at is None or not 0 <= heard - echo_at - BLOCK <= LATE:
+                    if echo_at is not None:
+                        self.echo_resyncs += 1
+                    echo_at = max(heard - self.echo_delay - BLOCK, 0)  # (re)lock the path
+                if self.echo_gain and heard >= echo_at + BLOCK:
+                    echo = self.echo_gain * self.played_pcm(echo_at)[:BLOCK]
+                echo_at += BLOCK
                 self.echo_written.extend(echo.astype(np.int16).tobytes())
                 try:
                     os.write(mic, np.clip(block + echo, -32768, 32767).astype(np.int16).tobytes())

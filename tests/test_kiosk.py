@@ -134,7 +134,7 @@ def _say_long(room: Room, speak_user: np.ndarray | None):  # type: ignore[no-unt
 def test_echo_does_not_interrupt_the_agent_with_echo_cancellation(models: Any, room: Room) -> None:
     room.echo_gain = 0.5  # -6 dB: a speakerphone's speaker close to its microphone
     result = run_kiosk(models, kiosk_config(echo_cancellation=True), _say_long(room, None))
-    assert result["interrupted"] is False, result
+    assert result["interrupted"] is False, (result, room.echo_resyncs)
 
 
 def test_echo_interrupts_the_agent_without_echo_cancellation(models: Any, room: Room) -> None:
