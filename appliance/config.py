@@ -84,6 +84,7 @@ class ModelsConfig(_Section):
     llm_gpu_layers: int = Field(0, ge=-1, le=1000)
     llm_temperature: float = Field(0.3, ge=0.0, le=2.0)
     stt_interim_interval: float = Field(0.0, ge=0.0, le=10.0)
+    stt_interim_manual: float = Field(0.5, ge=0.0, le=10.0)  # manual turns (push-to-talk)
     stt_window: Literal["fit", "full"] = "fit"
     llm_threads: int = Field(0, ge=0, le=64)
     llm_requantize: Literal["", "q4_0", "q8_0"] = ""

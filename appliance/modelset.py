@@ -135,9 +135,13 @@ class ModelSet:
 
         return inference.VAD(model="silero")
 
-    def stt(self, *, vad: vad_mod.VAD | None = None, window: str | None = None) -> WhisperSTT:
+    def stt(
+        self, *, vad: vad_mod.VAD | None = None, window: str | None = None, segment: bool = True
+    ) -> WhisperSTT:
         """Whisper STT for one session, segmenting speech with `vad` (a `SharedVAD` that
-        the session also runs, or a VAD of its own), or one segment per flush without.
+        the session also runs, or a VAD of its own), or one segment per flush without it or
+        with `segment=False` (then the VAD only times the preflight, and interim transcripts
+        come every [models] stt_interim_manual seconds: push-to-talk).
         `window` ("fit" or "full") overrides [models] stt_window."""
         from .plugins.whisper_stt import WhisperSTT
 
@@ -146,9 +150,14 @@ class ModelSet:
             self.stt_executor,
             vad=vad,
             model_name=self.config.models.stt.split("/", 1)[1],
-            interim_interval=self.config.models.stt_interim_interval,
+            interim_interval=(
+                self.config.models.stt_interim_interval
+                if segment
+                else self.config.models.stt_interim_manual
+            ),
             window=window or self.config.models.stt_window,
             preflight_after=self.config.models.stt_preflight if vad is not None else 0.0,
+            segment=segment,
         )
 
     def llm(self, tool_choice: ToolChoice | None = None) -> LlamaLLM:

@@ -8,12 +8,21 @@ service).
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from livekit.agents import Agent, AgentSession, RunContext, StopResponse, function_tool, llm
+from livekit.agents import (
+    Agent,
+    AgentSession,
+    RunContext,
+    StopResponse,
+    UserInputTranscribedEvent,
+    function_tool,
+    llm,
+)
 from livekit.agents.voice import io
 from livekit.agents.voice.transcription.synchronizer import TranscriptSynchronizer
 from livekit.agents.voice.turn import TurnHandlingOptions
@@ -21,6 +30,9 @@ from livekit.agents.voice.turn import TurnHandlingOptions
 from .config import AgentConfig, Config, SessionConfig
 from .modelset import ModelSet
 from .plugins.shared_vad import SharedVAD
+
+if TYPE_CHECKING:
+    from .plugins.llama_llm import LlamaLLM
 
 logger = logging.getLogger("appliance.session")
 TurnMode = Literal["model", "vad", "stt", "manual"]
@@ -143,16 +155,46 @@ def build_session(
     mode = config.turn_detection
     vad = SharedVAD(models.vad())  # one Silero stream for livekit, the STT and smart-turn
     detector = models.turn_detector(vad=vad) if mode == "model" else None
-    return AgentSession(
-        stt=models.stt(vad=vad if mode != "manual" else None),
+    engine = models.llm(tool_choice(config.agent))
+    session: AgentSession = AgentSession(
+        stt=models.stt(vad=vad, segment=mode != "manual"),
         vad=vad,
-        llm=models.llm(tool_choice(config.agent)),
+        llm=engine,
         tts=models.tts(),
         turn_handling=turn_handling(cfg, detector, mode),
         userdata={**cfg.userdata, **(userdata or {})},
         aec_warmup_duration=aec_warmup_duration,
         user_away_timeout=cfg.user_away_timeout,
     )
+    if mode == "manual":
+        prefill_while_held(session, engine)
+    return session
+
+
+def prefill_while_held(session: AgentSession, engine: LlamaLLM) -> None:
+    """Manual turns: the words transcribed while the button is still held (interim
+    transcripts every [models] stt_interim_manual seconds, Whisper's preflight at a pause)
+    go into the LLM's KV cache as the prompt the reply will have, so after the release the
+    LLM evaluates only the words that came after (or nothing). Nothing enters the
+    conversation: a push-to-talk cancel leaves no trace."""
+
+    def transcribed(ev: UserInputTranscribedEvent) -> None:
+        if ev.is_final or not ev.transcript.strip():
+            return
+        try:
+            agent = session.current_agent
+        except RuntimeError:  # starting or closing
+            return
+        ctx = agent.chat_ctx.copy()
+        ctx.add_message(role="user", content=ev.transcript)
+        engine.prefill(ctx, agent.tools).add_done_callback(_prefill_done)
+
+    session.on("user_input_transcribed", transcribed)
+
+
+def _prefill_done(done: asyncio.Future[int]) -> None:
+    if not done.cancelled() and (exc := done.exception()) is not None:
+        logger.warning("LLM prefill failed: %s", exc)
 
 
 def end_session(session: AgentSession, reason: str) -> None:

@@ -181,6 +181,37 @@ def test_llm_generation_stops_when_the_stream_is_closed(models: Any) -> None:
     assert evaluated < 100  # far short of the 500 it was allowed: cancelled promptly
 
 
+def test_a_prefilled_prompt_is_in_the_kv_cache_when_its_request_comes(models: Any) -> None:
+    """`prefill` evaluates a request's prompt ahead (push-to-talk, button still held): the
+    request then finds every prompt token cached; without it, only the shared start."""
+
+    async def main() -> list[tuple[int, int, int]]:
+        engine = LlamaLLM(models.llama, models.llm_executor, model_name="smollm2", max_tokens=4)
+        other, question = llm.ChatContext.empty(), llm.ChatContext.empty()
+        other.add_message(role="user", content="Name a colour.")
+        question.add_message(role="user", content="What is the capital of France?")
+        usage: list[Any] = []
+        engine.on("metrics_collected", usage.append)
+
+        async def ask(ctx: llm.ChatContext) -> None:
+            async with engine.chat(chat_ctx=ctx) as stream:
+                async for _chunk in stream:
+                    pass
+
+        out = []
+        for prefill in (False, True):
+            await ask(other)  # the cache holds another conversation
+            evaluated = await engine.prefill(question) if prefill else 0
+            await ask(question)
+            out.append((evaluated, usage[-1].prompt_tokens, usage[-1].prompt_cached_tokens))
+        return out
+
+    (_, prompt, cold), (evaluated, prompt_again, warm) = asyncio.run(main())
+    assert prompt_again == prompt
+    assert cold < prompt - 5  # without: the question's tokens are evaluated on request
+    assert evaluated == prompt - cold and warm == prompt  # with: all there already
+
+
 def test_llm_forced_tool_choice_gives_a_valid_call(models: Any) -> None:
     from appliance.session import build_tools
 
@@ -303,6 +334,77 @@ def test_a_pause_gives_a_preflight_transcript_that_the_final_reuses(
     assert transcribed_as("What is the capital of France?", words), words
     assert events[final][1].alternatives[0].text == words
     assert len(calls) == 1  # the final reused the preflight's words
+
+
+@pytest.mark.parametrize("goes_on", [False, True])
+def test_push_to_talk_transcribes_at_the_pause_and_the_release_finds_it_done(
+    models: Any, speak: Any, monkeypatch: pytest.MonkeyPatch, goes_on: bool
+) -> None:
+    """Manual turns (`segment=False`): the session's VAD does not cut the utterance, it
+    only times a preflight at the first pause while the button is held; the flush at the
+    release gives those words as the final without a second Whisper call. A user who goes
+    on after the pause gets a final with all the words."""
+    first, second = "What is the capital of France?", "And what about Spain?"
+    pause = np.zeros(9600, np.int16)  # 0.6 s
+    parts = [speak(first), pause] + ([speak(second), np.zeros(1600, np.int16)] if goes_on else [])
+    calls: list[int] = []
+
+    async def main() -> tuple[list[stt.SpeechEvent], int]:
+        shared = SharedVAD(models.vad())
+        engine = WhisperSTT(
+            models.whisper, models.stt_executor, vad=shared, preflight_after=0.05, segment=False
+        )
+        session_vad = shared.stream()
+
+        async def session_reads() -> None:
+            async for _ev in session_vad:
+                pass
+
+        session_reader = asyncio.create_task(session_reads())
+        counted = engine.transcribe_pcm
+
+        async def transcribe_pcm(pcm: np.ndarray) -> stt.SpeechData:
+            calls.append(len(pcm))
+            return await counted(pcm)
+
+        monkeypatch.setattr(engine, "transcribe_pcm", transcribe_pcm)
+        stream = engine.stream()
+        events: list[stt.SpeechEvent] = []
+        final = asyncio.Event()
+
+        async def read() -> None:
+            async for ev in stream:
+                events.append(ev)
+                if ev.type == stt.SpeechEventType.FINAL_TRANSCRIPT:
+                    final.set()
+
+        reader = asyncio.create_task(read())
+        for frame in frames(np.concatenate(parts)):
+            stream.push_frame(frame)
+            session_vad.push_frame(frame)
+            await asyncio.sleep(0.01)
+        before_release = len(events)
+        stream.flush()  # the button is released
+        await asyncio.wait_for(final.wait(), 10)
+        stream.end_input()
+        await reader
+        await engine.aclose()
+        await session_vad.aclose()
+        session_reader.cancel()
+        return events, before_release
+
+    events, before_release = asyncio.run(main())
+    kinds = [e.type for e in events]
+    assert stt.SpeechEventType.END_OF_SPEECH not in kinds  # the VAD did not cut the turn
+    final = events[kinds.index(stt.SpeechEventType.FINAL_TRANSCRIPT)].alternatives[0].text
+    preflights = [e.alternatives[0].text for e in events[:before_release]]
+    assert preflights and transcribed_as(first, preflights[0]), preflights  # while held
+    if goes_on:
+        assert transcribed_as(f"{first} {second}", final), final
+        assert len(calls) == 2  # the first pause's words, then all of them once
+    else:
+        assert final == preflights[0]
+        assert len(calls) == 1  # the release found the words transcribed
 
 
 @pytest.mark.parametrize("window", ["fit", "full"])

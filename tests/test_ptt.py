@@ -380,6 +380,8 @@ def test_push_to_talk_end_to_end(models: Any, speak: Callable[..., np.ndarray], 
         out["after_tap"] = roles(session)
         # 3. hold, speak, release: one turn, one reply; the LED follows
         ptt.led.history[:] = [ptt.led.state]  # type: ignore[union-attr]
+        requests: list[Any] = []
+        session.llm.on("metrics_collected", requests.append)
         await asyncio.to_thread(pin.drive_low)
         await asyncio.sleep(0.2)
         room.say(question)
@@ -388,6 +390,7 @@ def test_push_to_talk_end_to_end(models: Any, speak: Callable[..., np.ndarray], 
         await wait_reply_done(session, usb, 1)
         out["after_turn"] = roles(session)
         out["led"] = list(ptt.led.history)  # type: ignore[union-attr]
+        out["prompts"] = [(m.prompt_tokens, m.prompt_cached_tokens) for m in requests]
         # 4. a press during a reply stops playback at once
         handle = session.say(
             "The museum opens at nine in the morning and closes at six in the evening, "
@@ -417,6 +420,10 @@ def test_push_to_talk_end_to_end(models: Any, speak: Callable[..., np.ndarray], 
         "after_turn"
     ]
     assert len(replies) == 1 and replies[0]
+    # the words were transcribed at the pause while the button was held and put into the
+    # LLM's KV cache as the reply's prompt: the request after the release found all of it
+    [(prompt, cached)] = out["prompts"]
+    assert cached == prompt, out["prompts"]
     assert out["led"][:5] == ["idle", "listening", "thinking", "speaking", "idle"], out["led"]
     assert out["interrupted"] is True
     # one 10 ms block may already be on its way to the device when the press lands

@@ -17,8 +17,9 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,17 @@ class LocalLlama:
         for _ in self.llama.create_completion("Hi", max_tokens=1, stream=False):
             pass
 
+    def prefill(self, tokens: list[int]) -> int:
+        """Evaluate `tokens` into the KV cache (worker thread) so that a request for exactly
+        them samples at once; returns how many were evaluated (the cached prefix is kept)."""
+        llama = self.llama
+        keep = Llama.longest_token_prefix(llama._input_ids.tolist(), tokens)
+        if keep == len(tokens) == llama.n_tokens:
+            return 0
+        llama.n_tokens = keep = min(keep, len(tokens) - 1)  # the last one gives the logits
+        llama.eval(tokens[keep:])
+        return len(tokens) - keep
+
     def prompt(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
     ) -> tuple[list[int], list[str]]:
@@ -219,6 +231,39 @@ def _forced_grammar(tools: list[dict[str, Any]], choice: Any) -> tuple[LlamaGram
     return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False), None
 
 
+@dataclass
+class _Request:
+    """A chat request rendered for the model: prompt tokens and how to sample."""
+
+    tokens: list[int]
+    stop: list[str]
+    grammar: LlamaGrammar | None
+    forced_name: str | None
+    mode: str  # "forced": grammar output is arguments JSON; "undecided": may be <tool_call>
+
+
+def _render(
+    local: LocalLlama, messages: list[dict[str, Any]], schemas: list[dict[str, Any]], choice: Any
+) -> _Request:
+    """The prompt and sampling setup for `messages` with tools `schemas` and `choice`."""
+    choice = choice if schemas else "none"
+    if messages and messages[-1].get("role") == "tool":
+        choice = "none"  # a forced call is answered once; then the model speaks the result
+    forced = choice == "required" or isinstance(choice, dict)
+    grammar, forced_name = _forced_grammar(schemas, choice) if forced else (None, None)
+    offered = schemas if choice not in (None, "none") else None
+    tokens, stop = local.prompt(messages, offered)
+    mode = "forced" if forced else ("undecided" if offered else "text")
+    return _Request(tokens, stop, grammar, forced_name, mode)
+
+
+def _openai_request(
+    chat_ctx: llm.ChatContext, tools: Sequence[llm.Tool | llm.Toolset]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    messages, _ = chat_ctx.to_provider_format("openai")
+    return messages, llm.ToolContext(tools).parse_function_tools("openai", strict=False)
+
+
 class LlamaLLM(llm.LLM):
     """A per-session LLM over a shared LocalLlama. Construct inside the event loop."""
 
@@ -250,6 +295,23 @@ class LlamaLLM(llm.LLM):
     @property
     def provider(self) -> str:
         return "llama.cpp"
+
+    def prefill(
+        self, chat_ctx: llm.ChatContext, tools: Sequence[llm.Tool | llm.Toolset] = ()
+    ) -> asyncio.Future[int]:
+        """Evaluate the prompt of a request with `chat_ctx` and `tools` now, on the LLM's
+        worker, so that the request, when it comes, starts sampling at once (llama.cpp
+        keeps the longest common token prefix). Push-to-talk calls it with the transcript
+        made while the button is still held. Resolves to the tokens evaluated."""
+        messages, schemas = _openai_request(chat_ctx, tools)
+        local, choice = self._local, self._tool_choice
+
+        def work() -> int:
+            evaluated = local.prefill(_render(local, messages, schemas, choice).tokens)
+            trace.mark("llm.prefilled")
+            return evaluated
+
+        return asyncio.get_running_loop().run_in_executor(self._executor, work)
 
     def chat(
         self,
@@ -287,26 +349,19 @@ class LlamaStream(llm.LLMStream):
     ) -> None:
         """Worker thread: render, generate, push ('text'|'call'|'usage', value) items."""
         local, priority = self._owner._local, self._owner._priority
-        choice = self._choice if schemas else "none"
-        if messages and messages[-1].get("role") == "tool":
-            choice = "none"  # a forced call is answered once; then the model speaks the result
-        forced = choice == "required" or isinstance(choice, dict)
-        grammar, forced_name = _forced_grammar(schemas, choice) if forced else (None, None)
-        offered = schemas if choice not in (None, "none") else None
-        tokens, stop = local.prompt(messages, offered)
+        request = _render(local, messages, schemas, self._choice)
+        tokens, mode = request.tokens, request.mode
         cached = Llama.longest_token_prefix(local.llama._input_ids.tolist(), tokens)
         trace.mark("llm.start")
         stream: Iterator[Any] = local.llama.create_completion(  # type: ignore[assignment]
             tokens,
             max_tokens=self._owner._max_tokens,
             temperature=self._owner._temperature,
-            stop=stop,
-            grammar=grammar,
+            stop=request.stop,
+            grammar=request.grammar,
             stream=True,
         )
         text, completion_tokens = "", 0
-        # "forced": grammar output is arguments JSON; "undecided": may become <tool_call>
-        mode = "forced" if forced else ("undecided" if offered else "text")
         try:
             for chunk in stream:
                 if self._cancel.is_set():
@@ -330,15 +385,14 @@ class LlamaStream(llm.LLMStream):
                 close()
         if not self._cancel.is_set():
             if mode in ("forced", "call"):
-                for call in _parse_calls(text, forced_name):
+                for call in _parse_calls(text, request.forced_name):
                     push(("call", call))
             elif mode == "undecided" and text.strip():
                 push(("text", text))
         push(("usage", (len(tokens), cached, completion_tokens)))
 
     async def _run(self) -> None:
-        messages, _ = self._chat_ctx.to_provider_format("openai")
-        schemas = llm.ToolContext(self._tools).parse_function_tools("openai", strict=False)
+        messages, schemas = _openai_request(self._chat_ctx, self._tools)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue()
 

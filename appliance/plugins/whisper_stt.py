@@ -4,7 +4,9 @@ The stream segments speech with the session's VAD, sends interim transcripts whi
 user talks, a preflight transcript at the first short pause (livekit starts its preemptive
 reply on it; the final reuses it when the user does not go on), a final transcript at the
 end of each segment, and supports `flush()` so `commit_user_turn()` (push-to-talk) gets the
-words spoken so far at once. Whisper encodes a window fitted to the utterance rather than
+words spoken so far at once. With `segment=False` (push-to-talk) everything between two
+flushes is one segment and the VAD only times the preflight: a flush after a pause finds
+the words already transcribed. Whisper encodes a window fitted to the utterance rather than
 its fixed 30 s, and runs on a shared single-thread executor, never on the event loop.
 """
 
@@ -42,6 +44,9 @@ logger = logging.getLogger("appliance.stt")
 SAMPLE_RATE = 16000
 _PREFIX_SECONDS = 0.6  # audio kept before VAD's start-of-speech (VAD decides late)
 _MIN_SECONDS = 0.15  # shorter segments are not worth a Whisper call
+# no interims past this: each one transcribes the whole segment again, and the final
+# waits for one that is running
+_INTERIM_MAX_SECONDS = 8.0
 
 
 def load_model(model_dir: str, *, threads: int) -> WhisperModel:
@@ -132,7 +137,10 @@ class WhisperSTT(stt.STT):
         interim_interval: float = 0.0,
         window: str = "fit",
         preflight_after: float = 0.0,
+        segment: bool = True,
     ) -> None:
+        """`segment=False`: `vad` (a `SharedVAD`) times preflights but does not cut segments:
+        the audio between two flushes is one utterance (push-to-talk, manual turns)."""
         super().__init__(
             capabilities=stt.STTCapabilities(
                 streaming=True,
@@ -149,6 +157,7 @@ class WhisperSTT(stt.STT):
         self._interim_interval = interim_interval
         self._window = window
         self._preflight_after = preflight_after
+        self._segment = segment
 
     @property
     def model(self) -> str:
@@ -224,12 +233,13 @@ class WhisperStream(stt.RecognizeStream):
         self._segment_samples = 0
         self._prefix: collections.deque[np.ndarray] = collections.deque()
         self._prefix_samples = 0
-        self._speaking = owner._vad is None  # without VAD, everything is one segment
+        self._speaking = owner._vad is None or not owner._segment  # else the VAD cuts
         self._since_interim = 0
         self._interim_pending = False
         self._finals_pending = 0
         self._jobs: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._quiet_s = 0.0  # silence so far at the end of the segment (VAD's view)
+        self._heard_speech = False  # the VAD has heard speech in this segment
         self._preflight: _Job | None = None  # transcribed at the first pause, if still valid
         self._resampler: rtc.AudioResampler | None = None  # a shared VAD's audio to 16 kHz
 
@@ -241,6 +251,7 @@ class WhisperStream(stt.RecognizeStream):
     def _take_segment(self) -> np.ndarray:
         pcm = np.concatenate(self._segment) if self._segment else np.zeros(0, np.int16)
         self._segment, self._segment_samples, self._since_interim = [], 0, 0
+        self._quiet_s, self._heard_speech = 0.0, False
         return pcm
 
     def _add_audio(self, pcm: np.ndarray) -> None:
@@ -253,6 +264,7 @@ class WhisperStream(stt.RecognizeStream):
                 interval > 0
                 and not self._interim_pending
                 and self._since_interim >= interval * SAMPLE_RATE
+                and self._segment_samples <= _INTERIM_MAX_SECONDS * SAMPLE_RATE
             ):
                 self._since_interim = 0
                 self._interim_pending = True
@@ -270,6 +282,7 @@ class WhisperStream(stt.RecognizeStream):
             self._segment_samples = self._prefix_samples
             self._prefix.clear()
             self._prefix_samples = 0
+            self._heard_speech = True
             self._event_ch.send_nowait(stt.SpeechEvent(stt.SpeechEventType.START_OF_SPEECH))
         elif event.type == vad.VADEventType.INFERENCE_DONE and self._speaking:
             self._inference_done(event)
@@ -290,10 +303,12 @@ class WhisperStream(stt.RecognizeStream):
         after = self._owner._preflight_after
         if event.probability >= SPEECH_PROBABILITY:
             self._quiet_s = 0.0
+            self._heard_speech = True
             self._preflight = None  # more words came: the final is transcribed afresh
             return
         self._quiet_s += sum(f.duration for f in event.frames)
-        if after > 0 and self._quiet_s >= after and self._preflight is None:
+        due = after > 0 and self._quiet_s >= after and self._heard_speech
+        if due and self._preflight is None:
             pcm = np.concatenate(self._segment) if self._segment else np.zeros(0, np.int16)
             if len(pcm) >= _MIN_SECONDS * SAMPLE_RATE:
                 self._preflight = _Job("preflight", pcm)
@@ -358,14 +373,20 @@ class WhisperStream(stt.RecognizeStream):
                     self._add_audio(np.frombuffer(frame.data, dtype=np.int16).copy())
         self._on_vad_event(event)
 
+    def _on_pause_event(self, event: vad.VADEvent) -> None:
+        """An event of the session's VAD stream, when the VAD does not cut segments."""
+        if event.type == vad.VADEventType.INFERENCE_DONE:
+            self._inference_done(event)
+
     async def _run(self) -> None:
         owner_vad = self._owner._vad
         if isinstance(owner_vad, SharedVAD):  # the session runs it: listen to its events
-            owner_vad.listeners.append(self._on_shared_vad_event)
+            listener = self._on_shared_vad_event if self._owner._segment else self._on_pause_event
+            owner_vad.listeners.append(listener)
             try:
-                await self._run_with(None, audio_from_input=False)
+                await self._run_with(None, audio_from_input=not self._owner._segment)
             finally:
-                owner_vad.listeners.remove(self._on_shared_vad_event)
+                owner_vad.listeners.remove(listener)
         else:
             await self._run_with(owner_vad.stream() if owner_vad is not None else None)
 
@@ -385,8 +406,9 @@ class WhisperStream(stt.RecognizeStream):
 
         async def _vad_events() -> None:
             assert vad_stream is not None
+            handle = self._on_vad_event if self._owner._segment else self._on_pause_event
             async for event in vad_stream:
-                self._on_vad_event(event)
+                handle(event)
 
         tasks = [asyncio.create_task(_forward()), asyncio.create_task(self._recognize())]
         if vad_stream is not None:
