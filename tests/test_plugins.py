@@ -336,23 +336,29 @@ def test_a_pause_gives_a_preflight_transcript_that_the_final_reuses(
     assert len(calls) == 1  # the final reused the preflight's words
 
 
-@pytest.mark.parametrize("goes_on", [False, True])
+@pytest.mark.parametrize(("goes_on", "interims"), [(False, 0.0), (True, 0.0), (False, 0.5)])
 def test_push_to_talk_transcribes_at_the_pause_and_the_release_finds_it_done(
-    models: Any, speak: Any, monkeypatch: pytest.MonkeyPatch, goes_on: bool
+    models: Any, speak: Any, monkeypatch: pytest.MonkeyPatch, goes_on: bool, interims: float
 ) -> None:
     """Manual turns (`segment=False`): the session's VAD does not cut the utterance, it
     only times a preflight at the first pause while the button is held; the flush at the
     release gives those words as the final without a second Whisper call. A user who goes
-    on after the pause gets a final with all the words."""
+    on after the pause gets a final with all the words. Interim transcripts come while
+    the user talks, none in the pause."""
     first, second = "What is the capital of France?", "And what about Spain?"
-    pause = np.zeros(9600, np.int16)  # 0.6 s
+    pause = np.zeros(24000 if interims else 9600, np.int16)  # 1.5 s, 0.6 s
     parts = [speak(first), pause] + ([speak(second), np.zeros(1600, np.int16)] if goes_on else [])
     calls: list[int] = []
 
     async def main() -> tuple[list[stt.SpeechEvent], int]:
         shared = SharedVAD(models.vad())
         engine = WhisperSTT(
-            models.whisper, models.stt_executor, vad=shared, preflight_after=0.05, segment=False
+            models.whisper,
+            models.stt_executor,
+            vad=shared,
+            preflight_after=0.05,
+            segment=False,
+            interim_interval=interims,
         )
         session_vad = shared.stream()
 
@@ -397,9 +403,19 @@ def test_push_to_talk_transcribes_at_the_pause_and_the_release_finds_it_done(
     kinds = [e.type for e in events]
     assert stt.SpeechEventType.END_OF_SPEECH not in kinds  # the VAD did not cut the turn
     final = events[kinds.index(stt.SpeechEventType.FINAL_TRANSCRIPT)].alternatives[0].text
-    preflights = [e.alternatives[0].text for e in events[:before_release]]
+    preflights = [
+        e.alternatives[0].text
+        for e in events[:before_release]
+        if e.type == stt.SpeechEventType.PREFLIGHT_TRANSCRIPT
+    ]
     assert preflights and transcribed_as(first, preflights[0]), preflights  # while held
-    if goes_on:
+    if interims:
+        interim_calls = calls[:-1]  # then the preflight, which the final reuses
+        spoken = len(parts[0]) + 0.3 * 16000  # the VAD hears the pause a little late
+        assert stt.SpeechEventType.INTERIM_TRANSCRIPT in kinds[:before_release]
+        assert interim_calls and all(n <= spoken for n in interim_calls), (calls, spoken)
+        assert final == preflights[0]
+    elif goes_on:
         assert transcribed_as(f"{first} {second}", final), final
         assert len(calls) == 2  # the first pause's words, then all of them once
     else:

@@ -265,6 +265,7 @@ class WhisperStream(stt.RecognizeStream):
                 and not self._interim_pending
                 and self._since_interim >= interval * SAMPLE_RATE
                 and self._segment_samples <= _INTERIM_MAX_SECONDS * SAMPLE_RATE
+                and self._quiet_s == 0.0  # a pause gets its preflight instead
             ):
                 self._since_interim = 0
                 self._interim_pending = True
