@@ -6,6 +6,10 @@ button is pressed, the question (Piper voice) is spoken into the room's micropho
 the button is released 0.1 s after the speech ends, as a user would. The figure is the time
 from the release to the first loud sample of the reply leaving the simulated speaker, so
 it includes the simulated card's output buffering (`bench-audio`: about 40 ms).
+
+`--compare-interims` asks each question twice in the one session, without and with
+interim transcripts while the button is held (`[models] stt_interim_manual`, which also
+prefill the LLM), in alternating order, and reports both.
 """
 
 from __future__ import annotations
@@ -75,8 +79,14 @@ async def _ask(room: Room, ptt: Any, session: Any, pcm: np.ndarray) -> dict[str,
 
 
 async def _bench(
-    models: ModelSet, config: Config, questions: list[np.ndarray], room: Room
+    models: ModelSet,
+    config: Config,
+    questions: list[np.ndarray],
+    room: Room,
+    variants: tuple[str, ...] = ("default",),
 ) -> list[dict[str, Any]]:
+    """Each question once per variant (alternating order): "default", or "no interims" /
+    "interims" (the session's STT without and with interim transcripts while held)."""
     from .kiosk import serve_usb
     from .ptt import PushToTalk
     from .usbaudio import UsbAudio
@@ -96,12 +106,21 @@ async def _bench(
         while not sessions:
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)
+        interval = config.models.stt_interim_manual
         for n, pcm in enumerate(questions):
-            run = await _ask(room, ptt, sessions[-1].session, pcm)
-            run["question"] = QUESTIONS[n % len(QUESTIONS)]
-            runs.append(run)
-            print(f"  {run['question']!r}: {run['release_to_audio_ms']} ms", file=sys.stderr)
-            await asyncio.sleep(0.5)
+            for variant in variants if n % 2 == 0 else variants[::-1]:
+                session = sessions[-1].session
+                if variant != "default":
+                    session.stt.interim_interval = interval if variant == "interims" else 0.0
+                run = await _ask(room, ptt, session, pcm)
+                run["question"] = QUESTIONS[n % len(QUESTIONS)]
+                run["variant"] = variant
+                runs.append(run)
+                print(
+                    f"  {variant}: {run['question']!r}: {run['release_to_audio_ms']} ms",
+                    file=sys.stderr,
+                )
+                await asyncio.sleep(0.5)
     finally:
         stop.set()
         await asyncio.wait_for(kiosk, 30)
@@ -127,35 +146,45 @@ def run_bench_ptt(args: argparse.Namespace, config: Config) -> int:
     models = ModelSet(config)
     models.warm()
     questions = spoken_questions(models, args.utterances)
+    variants = ("no interims", "interims") if args.compare_interims else ("default",)
     try:
         with simulated_room() as room:
-            runs = asyncio.run(_bench(models, config, questions, room))
+            runs = asyncio.run(_bench(models, config, questions, room, variants))
     finally:
         models.close()
-    latencies = [r["release_to_audio_ms"] for r in runs if r["release_to_audio_ms"] is not None]
-    stage_names = list(runs[0]["stages_ms"]) if runs else []
-
-    def stage_p50(name: str) -> float | int | None:
-        return percentiles(
-            [r["stages_ms"][name] for r in runs if r["stages_ms"][name] is not None]
-        )["p50"]
-
-    figure = percentiles(latencies)
+    figures = {v: _summary([r for r in runs if r["variant"] == v]) for v in variants}
     results: dict[str, Any] = {
         **run_record(started, config),
         "release_after_speech_s": RELEASE_AFTER_S,
-        "release_to_first_audio_ms": figure,
-        "failures": len(runs) - len(latencies),
-        "stages_p50_ms": {name: stage_p50(name) for name in stage_names},
+        **(figures["default"] if not args.compare_interims else {"variants": figures}),
         "runs": runs,
     }
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(
-        f"push-to-talk release to first audio, {figure['n']} questions: "
-        f"p50 {figure['p50']} ms, p95 {figure['p95']} ms (failures {results['failures']})"
-    )
-    print(f"  stage p50 ms: {results['stages_p50_ms']}")
+    for variant, figure in figures.items():
+        latency = figure["release_to_first_audio_ms"]
+        print(
+            f"push-to-talk release to first audio ({variant}), {latency['n']} questions: "
+            f"p50 {latency['p50']} ms, p95 {latency['p95']} ms (failures {figure['failures']})"
+        )
+        print(f"  stage p50 ms: {figure['stages_p50_ms']}")
     print(f"results: {out}")
-    return 0 if latencies else 1
+    return 0 if all(f["release_to_first_audio_ms"]["n"] for f in figures.values()) else 1
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """p50/p95 of the release-to-audio figure and each stage's p50, for some runs."""
+    latencies = [r["release_to_audio_ms"] for r in runs if r["release_to_audio_ms"] is not None]
+    stage_names = list(runs[0]["stages_ms"]) if runs else []
+    stages = {
+        name: percentiles([r["stages_ms"][name] for r in runs if r["stages_ms"][name] is not None])[
+            "p50"
+        ]
+        for name in stage_names
+    }
+    return {
+        "release_to_first_audio_ms": percentiles(latencies),
+        "failures": len(runs) - len(latencies),
+        "stages_p50_ms": stages,
+    }

@@ -563,6 +563,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", default="bench/ptt.json")
     p.add_argument("--config", default=None)
     p.add_argument("--utterances", type=int, default=10)
+    p.add_argument(
+        "--compare-interims",
+        action="store_true",
+        help="each question without and with interim transcripts while held, alternating",
+    )
     p.set_defaults(func=cmd_bench_ptt)
 
     p = sub.add_parser("bench-barge-in", help="user talks over the agent: time to silence it")

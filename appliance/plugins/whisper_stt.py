@@ -167,6 +167,15 @@ class WhisperSTT(stt.STT):
     def provider(self) -> str:
         return "whisper"
 
+    @property
+    def interim_interval(self) -> float:
+        """Seconds of speech between interim transcripts (0: none); streams follow changes."""
+        return self._interim_interval
+
+    @interim_interval.setter
+    def interim_interval(self, seconds: float) -> None:
+        self._interim_interval = seconds
+
     async def transcribe_pcm(self, pcm: np.ndarray) -> stt.SpeechData:
         """Transcribe int16 16 kHz mono samples off the event loop."""
         audio = pcm.astype(np.float32) / 32768.0
