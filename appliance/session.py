@@ -166,17 +166,19 @@ def build_session(
         aec_warmup_duration=aec_warmup_duration,
         user_away_timeout=cfg.user_away_timeout,
     )
-    if mode == "manual":
-        prefill_while_held(session, engine)
+    if mode == "manual" or config.models.stt_interim_interval > 0:
+        prefill_from_transcripts(session, engine)
     return session
 
 
-def prefill_while_held(session: AgentSession, engine: LlamaLLM) -> None:
-    """Manual turns: the words transcribed while the button is still held (interim
-    transcripts every [models] stt_interim_manual seconds, Whisper's preflight at a pause)
-    go into the LLM's KV cache as the prompt the reply will have, so after the release the
-    LLM evaluates only the words that came after (or nothing). Nothing enters the
-    conversation: a push-to-talk cancel leaves no trace."""
+def prefill_from_transcripts(session: AgentSession, engine: LlamaLLM) -> None:
+    """The words transcribed before the turn ends (interim transcripts, and Whisper's
+    preflight at a pause) go into the LLM's KV cache as the prompt the reply will have, so
+    when the turn ends the LLM evaluates only the words that came after (or nothing). For
+    manual turns above all (push-to-talk: interims every [models] stt_interim_manual
+    seconds while the button is held); in the other modes when [models]
+    stt_interim_interval is set. Nothing enters the conversation: a push-to-talk cancel
+    leaves no trace."""
 
     def transcribed(ev: UserInputTranscribedEvent) -> None:
         if ev.is_final or not ev.transcript.strip():
