@@ -138,6 +138,8 @@ class LocalLlama:
         """Evaluate `tokens` into the KV cache (worker thread) so that a request for exactly
         them samples at once; returns how many were evaluated (the cached prefix is kept)."""
         llama = self.llama
+        if not tokens:
+            return 0
         keep = Llama.longest_token_prefix(llama._input_ids.tolist(), tokens)
         if keep == len(tokens) == llama.n_tokens:
             return 0
