@@ -183,10 +183,13 @@ def test_llm_generation_stops_when_the_stream_is_closed(models: Any) -> None:
 
 def test_a_prefilled_prompt_is_in_the_kv_cache_when_its_request_comes(models: Any) -> None:
     """`prefill` evaluates a request's prompt ahead (push-to-talk, button still held): the
-    request then finds every prompt token cached; without it, only the shared start."""
+    request then finds every prompt token cached; without it, only the shared start. The
+    reply's first words, sampled at prefill time, are the start of the request's reply."""
+    replies: list[str] = []
+    ahead: list[str] = []
 
     async def main() -> list[tuple[int, int, int]]:
-        engine = LlamaLLM(models.llama, models.llm_executor, model_name="smollm2", max_tokens=4)
+        engine = LlamaLLM(models.llama, models.llm_executor, model_name="smollm2", max_tokens=12)
         other, question = llm.ChatContext.empty(), llm.ChatContext.empty()
         other.add_message(role="user", content="Name a colour.")
         question.add_message(role="user", content="What is the capital of France?")
@@ -194,14 +197,19 @@ def test_a_prefilled_prompt_is_in_the_kv_cache_when_its_request_comes(models: An
         engine.on("metrics_collected", usage.append)
 
         async def ask(ctx: llm.ChatContext) -> None:
+            text = ""
             async with engine.chat(chat_ctx=ctx) as stream:
-                async for _chunk in stream:
-                    pass
+                async for chunk in stream:
+                    text += chunk.delta.content or "" if chunk.delta else ""
+            replies.append(text)
 
         out = []
         for prefill in (False, True):
             await ask(other)  # the cache holds another conversation
             evaluated = await engine.prefill(question) if prefill else 0
+            if prefill:
+                assert models.llama.ahead is not None
+                ahead.append(models.llama.ahead.text)
             await ask(question)
             out.append((evaluated, usage[-1].prompt_tokens, usage[-1].prompt_cached_tokens))
         return out
@@ -210,6 +218,8 @@ def test_a_prefilled_prompt_is_in_the_kv_cache_when_its_request_comes(models: An
     assert prompt_again == prompt
     assert cold < prompt - 5  # without: the question's tokens are evaluated on request
     assert evaluated == prompt - cold and warm == prompt  # with: all there already
+    assert ahead[0].strip() and replies[-1].startswith(ahead[0]), (ahead, replies)
+    assert models.llama.ahead is None  # taken by the request
 
 
 def test_llm_forced_tool_choice_gives_a_valid_call(models: Any) -> None:

@@ -47,6 +47,8 @@ _TOOL_PROMPT = (
 )
 
 
+SPECULATE = 3  # words of a reply sampled at prefill time (Piper's first chunk is three)
+
 # llama.cpp file types a model may be requantized to ([models] llm_requantize)
 REQUANTIZE_TYPES = {"q4_0": 2, "q8_0": 7}  # LLAMA_FTYPE_MOSTLY_*
 
@@ -128,6 +130,8 @@ class LocalLlama:
             stop_token_ids=[eos_id],
         )
         self.template_has_tools = "tools" in template
+        self.ahead: _Ahead | None = None  # a reply's first tokens, sampled at prefill time
+        self.request_waiting = threading.Event()  # a request is queued: speculation stops
 
     def warm(self) -> None:
         """Evaluate a tiny prompt so the first real request pays no first-call costs."""
@@ -146,6 +150,34 @@ class LocalLlama:
         llama.n_tokens = keep = min(keep, len(tokens) - 1)  # the last one gives the logits
         llama.eval(tokens[keep:])
         return len(tokens) - keep
+
+    def speculate(
+        self, tokens: list[int], stop: list[str], *, temperature: float, words: int
+    ) -> None:
+        """Sample the first `words` words of the reply to `tokens` (already evaluated) and
+        keep them for the request with exactly that prompt (`take_ahead`). Stops early when
+        a request is waiting. Worker thread."""
+        llama, ids, text, done = self.llama, [], "", False
+        self.ahead = None
+        eos = llama.token_eos()
+        for token in llama.generate(tokens, temp=temperature, top_k=40, top_p=0.95):
+            if token == eos:
+                done = True
+                break
+            ids.append(token)
+            text = llama.detokenize(ids).decode("utf-8", errors="ignore")
+            if any(s in text for s in stop):
+                text, done = text[: min(text.find(s) for s in stop if s in text)], True
+                break
+            if len(text.split()) > words or self.request_waiting.is_set():
+                break
+        if ids or done:
+            self.ahead = _Ahead(list(tokens), ids, text, done)
+
+    def take_ahead(self, tokens: list[int]) -> _Ahead | None:
+        """The speculated start of the reply to exactly `tokens`, once (worker thread)."""
+        ahead, self.ahead = self.ahead, None
+        return ahead if ahead is not None and ahead.prompt == tokens else None
 
     def prompt(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
@@ -234,6 +266,16 @@ def _forced_grammar(tools: list[dict[str, Any]], choice: Any) -> tuple[LlamaGram
 
 
 @dataclass
+class _Ahead:
+    """A reply's first tokens, sampled at prefill time for the prompt `prompt`."""
+
+    prompt: list[int]
+    ids: list[int]
+    text: str
+    done: bool  # the reply ended within them
+
+
+@dataclass
 class _Request:
     """A chat request rendered for the model: prompt tokens and how to sample."""
 
@@ -304,12 +346,19 @@ class LlamaLLM(llm.LLM):
         """Evaluate the prompt of a request with `chat_ctx` and `tools` now, on the LLM's
         worker, so that the request, when it comes, starts sampling at once (llama.cpp
         keeps the longest common token prefix). Push-to-talk calls it with the transcript
-        made while the button is still held. Resolves to the tokens evaluated."""
+        made while the button is still held. It then samples the reply's first words (as
+        the request would: same temperature), which the request with exactly this prompt
+        takes as its own start. Resolves to the tokens evaluated."""
         messages, schemas = _openai_request(chat_ctx, tools)
         local, choice = self._local, self._tool_choice
 
         def work() -> int:
-            evaluated = local.prefill(_render(local, messages, schemas, choice).tokens)
+            request = _render(local, messages, schemas, choice)
+            evaluated = local.prefill(request.tokens)
+            if request.grammar is None and not local.request_waiting.is_set():
+                local.speculate(
+                    request.tokens, request.stop, temperature=self._temperature, words=SPECULATE
+                )
             trace.mark("llm.prefilled")
             return evaluated
 
@@ -351,47 +400,64 @@ class LlamaStream(llm.LLMStream):
     ) -> None:
         """Worker thread: render, generate, push ('text'|'call'|'usage', value) items."""
         local, priority = self._owner._local, self._owner._priority
+        local.request_waiting.clear()
         request = _render(local, messages, schemas, self._choice)
         tokens, mode = request.tokens, request.mode
         cached = Llama.longest_token_prefix(local.llama._input_ids.tolist(), tokens)
         trace.mark("llm.start")
+        ahead = local.take_ahead(tokens) if request.grammar is None else None
+        text, completion_tokens = "", 0
+
+        def take(piece: str, count: int) -> None:
+            nonlocal text, mode, completion_tokens
+            completion_tokens += count
+            if completion_tokens == count:
+                trace.mark("llm.first_token")
+            text += piece
+            if mode == "undecided":
+                mode = _call_or_text(text.lstrip())
+                if mode == "text":
+                    push(("text", text))
+            elif mode == "text" and piece:
+                push(("text", piece))
+
+        if ahead is not None:  # sampled at prefill time for exactly this prompt
+            take(ahead.text, len(ahead.ids))
+            if ahead.done or len(ahead.ids) >= self._owner._max_tokens:
+                self._finish(request, text, mode, push, (len(tokens), len(tokens), len(ahead.ids)))
+                return
         stream: Iterator[Any] = local.llama.create_completion(  # type: ignore[assignment]
-            tokens,
-            max_tokens=self._owner._max_tokens,
+            tokens + (ahead.ids if ahead is not None else []),
+            max_tokens=self._owner._max_tokens - (len(ahead.ids) if ahead is not None else 0),
             temperature=self._owner._temperature,
             stop=request.stop,
             grammar=request.grammar,
             stream=True,
         )
-        text, completion_tokens = "", 0
         try:
             for chunk in stream:
                 if self._cancel.is_set():
                     break
-                piece = chunk["choices"][0]["text"]
-                completion_tokens += 1
-                if completion_tokens == 1:
-                    trace.mark("llm.first_token")
-                text += piece
-                if mode == "undecided":
-                    mode = _call_or_text(text.lstrip())
-                    if mode == "text":
-                        push(("text", text))
-                elif mode == "text" and piece:
-                    push(("text", piece))
+                take(chunk["choices"][0]["text"], 1)
                 if priority is not None:
                     priority.wait_turn()  # before the next token: a first audio may render
         finally:
             close = getattr(stream, "close", None)
             if close is not None:
                 close()
+        self._finish(request, text, mode, push, (len(tokens), cached, completion_tokens))
+
+    def _finish(
+        self, request: _Request, text: str, mode: str, push: Any, usage: tuple[int, int, int]
+    ) -> None:
+        """Push the tool calls (or undecided text) of a finished reply, then its usage."""
         if not self._cancel.is_set():
             if mode in ("forced", "call"):
                 for call in _parse_calls(text, request.forced_name):
                     push(("call", call))
             elif mode == "undecided" and text.strip():
                 push(("text", text))
-        push(("usage", (len(tokens), cached, completion_tokens)))
+        push(("usage", usage))
 
     async def _run(self) -> None:
         messages, schemas = _openai_request(self._chat_ctx, self._tools)
@@ -408,6 +474,7 @@ class LlamaStream(llm.LLMStream):
                 push(None)
 
         request_id = utils.shortuuid("llama_")
+        self._owner._local.request_waiting.set()  # a speculation running stops for this
         future = loop.run_in_executor(self._owner._executor, work)
         try:
             while (item := await queue.get()) is not None:
