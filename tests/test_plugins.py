@@ -37,6 +37,19 @@ def frames(pcm: np.ndarray, rate: int = 16000) -> list[rtc.AudioFrame]:
     ]
 
 
+def count_transcriptions(
+    engine: WhisperSTT, monkeypatch: pytest.MonkeyPatch, calls: list[int]
+) -> None:
+    """Count the engine's Whisper calls: `calls` gets each call's number of samples."""
+    counted = engine.transcribe_pcm
+
+    async def transcribe_pcm(pcm: np.ndarray) -> stt.SpeechData:
+        calls.append(len(pcm))
+        return await counted(pcm)
+
+    monkeypatch.setattr(engine, "transcribe_pcm", transcribe_pcm)
+
+
 def test_stt_flush_gives_the_final_transcript_at_once(models: Any, speak: Any) -> None:
     """Push-to-talk: a flush transcribes what was said; an empty flush still answers."""
     speech = speak("Turn on the kitchen lights.")
@@ -303,13 +316,7 @@ def test_a_pause_gives_a_preflight_transcript_that_the_final_reuses(
                 session_heard.append(ev.type)
 
         session_reader = asyncio.create_task(session_reads())
-        counted = engine.transcribe_pcm
-
-        async def transcribe_pcm(pcm: np.ndarray) -> stt.SpeechData:
-            calls.append(len(pcm))
-            return await counted(pcm)
-
-        monkeypatch.setattr(engine, "transcribe_pcm", transcribe_pcm)
+        count_transcriptions(engine, monkeypatch, calls)
         stream = engine.stream()
         events: list[tuple[float, stt.SpeechEvent]] = []
         loop = asyncio.get_running_loop()
@@ -377,13 +384,7 @@ def test_push_to_talk_transcribes_at_the_pause_and_the_release_finds_it_done(
                 pass
 
         session_reader = asyncio.create_task(session_reads())
-        counted = engine.transcribe_pcm
-
-        async def transcribe_pcm(pcm: np.ndarray) -> stt.SpeechData:
-            calls.append(len(pcm))
-            return await counted(pcm)
-
-        monkeypatch.setattr(engine, "transcribe_pcm", transcribe_pcm)
+        count_transcriptions(engine, monkeypatch, calls)
         stream = engine.stream()
         events: list[stt.SpeechEvent] = []
         final = asyncio.Event()

@@ -160,7 +160,7 @@ class LocalLlama:
         llama, ids, text, done = self.llama, [], "", False
         self.ahead = None
         eos = llama.token_eos()
-        for token in llama.generate(tokens, temp=temperature, top_k=40, top_p=0.95):
+        for token in llama.generate(tokens, temp=temperature):  # create_completion's defaults
             if token == eos:
                 done = True
                 break
@@ -405,14 +405,16 @@ class LlamaStream(llm.LLMStream):
         tokens, mode = request.tokens, request.mode
         cached = Llama.longest_token_prefix(local.llama._input_ids.tolist(), tokens)
         trace.mark("llm.start")
-        ahead = local.take_ahead(tokens) if request.grammar is None else None
+        ahead = local.take_ahead(tokens)  # any request consumes it; a grammar cannot use it
+        if request.grammar is not None:
+            ahead = None
         text, completion_tokens = "", 0
 
         def take(piece: str, count: int) -> None:
             nonlocal text, mode, completion_tokens
-            completion_tokens += count
-            if completion_tokens == count:
+            if not completion_tokens:
                 trace.mark("llm.first_token")
+            completion_tokens += count
             text += piece
             if mode == "undecided":
                 mode = _call_or_text(text.lstrip())
@@ -424,7 +426,7 @@ class LlamaStream(llm.LLMStream):
         if ahead is not None:  # sampled at prefill time for exactly this prompt
             take(ahead.text, len(ahead.ids))
             if ahead.done or len(ahead.ids) >= self._owner._max_tokens:
-                self._finish(request, text, mode, push, (len(tokens), len(tokens), len(ahead.ids)))
+                self._finish(request, text, mode, push, (len(tokens), cached, completion_tokens))
                 return
         stream: Iterator[Any] = local.llama.create_completion(  # type: ignore[assignment]
             tokens + (ahead.ids if ahead is not None else []),
