@@ -386,6 +386,54 @@ def test_the_prediction_starts_at_the_pause_and_answers_the_session(
     assert prob == pytest.approx(model.calls[-1][1])
 
 
+def test_the_early_prediction_starts_at_the_first_dip_of_the_vad(
+    speech: dict[str, np.ndarray],
+) -> None:
+    """A window below EARLY_BELOW starts it before Silero calls the window quiet (< 0.5)."""
+    from livekit.agents import inference, vad
+
+    from appliance.plugins.shared_vad import SharedVAD
+
+    model = _RecordingModel(MODEL_PATH)
+
+    async def main() -> None:
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="turn-test") as pool:
+            detector = SmartTurnDetector(
+                model, executor=pool, vad=SharedVAD(inference.VAD(model="silero"))
+            )
+            stream = detector.stream()
+            for frame in _frames_16k(speech["complete"]):
+                stream.push_audio(frame)
+            transport = stream._smart_transport  # type: ignore[attr-defined]
+
+            def window(probability: float) -> None:
+                transport._on_vad_event(
+                    vad.VADEvent(
+                        type=vad.VADEventType.INFERENCE_DONE,
+                        samples_index=0,
+                        timestamp=0.0,
+                        speech_duration=0.0,
+                        silence_duration=0.0,
+                        probability=probability,
+                    )
+                )
+
+            window(1.0)
+            assert transport._early is None
+            window(0.7)  # still speech to Silero's 0.5 threshold, but the voice is fading
+            early = transport._early
+            assert early is not None
+            window(0.2)  # the pause goes on: no second prediction
+            assert transport._early is early
+            p = await early
+            assert model.calls == [(len(speech["complete"]) // 160 * 160, pytest.approx(p))]
+            window(0.95)  # the user speaks again
+            assert transport._early is None
+            await stream.aclose()
+
+    asyncio.run(main())
+
+
 def test_speech_after_an_early_prediction_drops_it(speech: dict[str, np.ndarray]) -> None:
     model = _RecordingModel(MODEL_PATH)
     short = np.zeros(int(0.15 * 16000), np.int16)  # a pause the VAD does not end speech on

@@ -6,12 +6,13 @@ AgentSession (which also needs a VAD with ``min_silence_duration >= 0.25`` s). E
 keeps the last 8 s of 16 kHz audio since its last flush; when the session asks for a
 prediction (after 200 ms of VAD silence) the model runs on an executor, never on the loop.
 
-Given the session's `SharedVAD`, a stream starts the model at the first quiet VAD window
-after speech instead (about 100 ms after the last word, with Whisper's preflight), and
-answers the session's request with that result if no speech came in between and it says
-the turn is complete: the model is then done before the reply's first audio is
-synthesized, not running beside it. A "not complete" early verdict is checked again on the
-whole pause when the session asks, as without the head start.
+Given the session's `SharedVAD`, a stream starts the model at the first sign of a pause
+instead (a VAD window below `EARLY_BELOW`, about 70 ms after the last word, before
+Whisper's preflight at the first quiet window), and answers the session's request with
+that result if no speech came in between and it says the turn is complete: the model then
+runs while the CPU waits for the VAD, not beside Whisper, the LLM or the reply's first
+audio. A "not complete" early verdict is checked again on the whole pause when the session
+asks, as without the head start.
 
 The model reads 8 s of audio as a Whisper log-mel spectrogram (80 x 800) and outputs
 P(turn complete); the session treats a probability below 0.5 as "the user is not done".
@@ -43,8 +44,6 @@ from livekit.agents.metrics import EOTInferenceMetrics
 from livekit.agents.metrics.base import Metadata
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, APIConnectOptions
 
-from .shared_vad import SPEECH_PROBABILITY
-
 if TYPE_CHECKING:
     from numpy.typing import NDArray
 
@@ -61,6 +60,11 @@ N_MELS = 80
 N_FRAMES = WINDOW_SAMPLES // 160  # hop 160 -> 800 frames
 UNLIKELY_THRESHOLD = 0.5
 """P(turn complete) below this makes the session wait its max endpointing delay."""
+EARLY_BELOW = 0.9
+"""Silero's speech probability under which a window after speech starts the early
+prediction (at or above: speech, which drops it). Silero falls below 0.9 30-50 ms before
+it falls below its 0.5 threshold; the model running in that gap gained 22-33 ms of
+voice-to-voice p50 on the 2-core bench machine (bench/README.md, stop 18)."""
 
 _NORM_EPS = 1e-7
 _MAX_DRAIN_YIELDS = 20
@@ -150,9 +154,10 @@ class SmartTurnModel:
 class _SmartTurnTransport:
     """Local transport: buffers 16 kHz audio and runs `SmartTurnModel` off the event loop.
 
-    With a `SharedVAD`, the first quiet VAD window after speech starts an early prediction
-    on the audio so far; the session's next request takes its result unless the user spoke
-    again (or the stream was flushed) in between, or it was below the threshold.
+    With a `SharedVAD`, the first VAD window below `EARLY_BELOW` after speech starts an
+    early prediction on the audio so far; the session's next request takes its result
+    unless the user spoke again (or the stream was flushed) in between, or it was below
+    the threshold.
     """
 
     def __init__(
@@ -227,10 +232,10 @@ class _SmartTurnTransport:
         return self._buf[max(0, self._len - WINDOW_SAMPLES) : self._len].copy()
 
     def _on_vad_event(self, event: vad.VADEvent) -> None:
-        """Speech drops an early prediction; the first quiet window after it starts one."""
+        """Speech drops an early prediction; the first window after it below `EARLY_BELOW`
+        starts one."""
         speech = event.type == vad.VADEventType.START_OF_SPEECH or (
-            event.type == vad.VADEventType.INFERENCE_DONE
-            and event.probability >= SPEECH_PROBABILITY
+            event.type == vad.VADEventType.INFERENCE_DONE and event.probability >= EARLY_BELOW
         )
         if speech:
             self._heard_speech = True
@@ -360,7 +365,8 @@ class SmartTurnDetector(_BaseStreamingTurnDetector):
     Every language resolves to the same 0.5 ``unlikely_threshold`` (the model is
     multilingual); there is no backchannel probability. Without an executor each
     prediction runs in ``asyncio.to_thread``. With `vad` (the session's `SharedVAD`) each
-    stream starts its prediction early, at the first quiet VAD window after speech.
+    stream starts its prediction early, at the first dip of the VAD's probability after
+    speech (`EARLY_BELOW`).
     """
 
     def __init__(
