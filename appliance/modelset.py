@@ -190,7 +190,7 @@ class ModelSet:
         self, name: str | None = None, *, vad: SharedVAD | None = None
     ) -> _StreamingTurnDetector:
         """An end-of-turn model: `name`, or [models] turn_model. Given the session's `vad`,
-        smart-turn starts each prediction at the first quiet VAD window after speech."""
+        smart-turn starts each prediction at the first dip of its probability after speech."""
         name = name or self.config.models.turn_model
         if name.startswith("smart-turn/"):
             from .plugins.smart_turn import SmartTurnDetector
