@@ -210,3 +210,4 @@ class ModelSet:
             self.turn_executor,
         ):
             executor.shutdown(wait=False, cancel_futures=True)
+        self.voice.close()

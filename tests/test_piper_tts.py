@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,6 +85,36 @@ def test_long_clause_is_not_truncated(voice: PiperVoice) -> None:
     text = " ".join(["elephant"] * 120) + "."
     (phonemes,) = voice.phonemize(text)
     assert phonemes.count("ˈɛlɪfənt") == 120
+
+
+def _waiting_espeak(voice: PiperVoice) -> subprocess.Popen[bytes]:
+    """The espeak-ng process started for the voice's next call (a helper thread starts it)."""
+    for _ in range(200):
+        proc = voice._espeak._ready
+        if proc is not None:
+            return proc
+        time.sleep(0.01)
+    raise AssertionError("no espeak-ng process was started ahead")
+
+
+def test_espeak_runs_in_a_process_started_before_the_call() -> None:
+    voice = PiperVoice(MODEL, CONFIG)
+    waiting = _waiting_espeak(voice)
+    assert waiting.poll() is None  # started at load, waiting for text
+    (phonemes,) = voice.phonemize("The capital of France.")
+    assert "fɹˈæns" in phonemes
+    assert waiting.poll() == 0  # that process did the call
+    following = _waiting_espeak(voice)
+    assert following is not waiting and following.poll() is None
+    following.kill()  # one that dies while waiting is replaced by a fresh start
+    following.wait()
+    assert "lˈoʊ" in voice.phonemize("Hello.")[0]
+    last = _waiting_espeak(voice)
+    voice.close()  # stops the waiting process; calls still work, without one
+    assert last.poll() is not None
+    assert "lˈoʊ" in voice.phonemize("Hello.")[0]
+    time.sleep(0.05)
+    assert voice._espeak._ready is None
 
 
 def test_bad_files_raise_naming_the_file(tmp_path: Path) -> None:
