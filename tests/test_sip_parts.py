@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import re
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from livekit import rtc
 
+from appliance.liveio import Playout, Rechunker
 from appliance.sip import digest, g711, rtp, sdp
 from appliance.sip.message import MAX_MESSAGE, SipError, parse, parse_address, parse_uri, response
 
@@ -219,3 +222,54 @@ def test_calls_never_wait_for_a_button() -> None:
     assert phone_config(kiosk).turn_detection == "vad"
     model = config_mod.parse({"session": {"turn_detection": "model"}}, "<test>")
     assert phone_config(model).turn_detection == "model"
+
+
+def _tone(rate: int, seconds: float, hz: float = 1000.0, level: float = 10000.0) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (level * np.sin(2 * np.pi * hz * t)).astype(np.int16)
+
+
+def test_the_callers_audio_reaches_the_session_packet_by_packet() -> None:
+    """8 -> 16 kHz: each 20 ms packet comes out at once (soxr held 108 ms back), clean."""
+    chunker = Rechunker(8000, 16000, 160)  # what CallAudioInput uses
+    tone = _tone(8000, 1.0)
+    blocks = []
+    for i in range(0, len(tone), 160):
+        out = chunker.push(tone[i : i + 160], 8000)
+        assert len(out) == 2  # two 10 ms session frames per packet, none held back
+        blocks += out
+    heard = np.concatenate(blocks)[1600:].astype(np.float64)  # after the first 100 ms
+    assert heard.std() == pytest.approx(tone.std(), rel=0.01)
+    spectrum = np.abs(np.fft.rfft(heard * np.hanning(len(heard))))
+    freqs = np.fft.rfftfreq(len(heard), 1 / 16000)
+    image = spectrum[np.argmin(np.abs(freqs - 7000))] / spectrum[np.argmin(np.abs(freqs - 1000))]
+    assert 20 * np.log10(image) < -60  # no mirror image of the 1 kHz tone at 7 kHz
+
+
+class _PhonePlayout(Playout):
+    def sink_rate(self) -> int:
+        return 8000
+
+
+def test_a_replys_last_samples_play_with_it_not_before_the_next_reply() -> None:
+    """The resampler's held-back tail (up to 82 ms at 22.05 -> 8 kHz) is flushed with the
+    reply: all of it is played, and the next reply starts with its own audio."""
+
+    async def main() -> tuple[int, np.ndarray]:
+        out = _PhonePlayout("phone", padding_s=0.0)
+        reply = _tone(22050, 0.6)
+        for i in range(0, len(reply), 4410):  # livekit's 200 ms TTS frames
+            part = reply[i : i + 4410]
+            await out.capture_frame(rtc.AudioFrame(part.tobytes(), 22050, 1, len(part)))
+        out.flush()
+        first = np.concatenate([out.take(160)[0] for _ in range(40)])  # 0.8 s: all of it
+        played = int(np.flatnonzero(np.abs(first.astype(np.int32)) > 1000)[-1]) + 1
+        await asyncio.sleep(0.05)  # the first segment finishes
+        silence = np.zeros(4410, np.int16)
+        await out.capture_frame(rtc.AudioFrame(silence.tobytes(), 22050, 1, len(silence)))
+        out.flush()
+        return played, np.concatenate([out.take(160)[0] for _ in range(10)])
+
+    played, second = asyncio.run(main())
+    assert played >= int(0.6 * 8000) - 20
+    assert np.abs(second.astype(np.int32)).max() < 100  # none of the first reply's tone
