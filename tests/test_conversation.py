@@ -143,6 +143,30 @@ def test_barge_in_stops_playback_and_history_keeps_what_was_played(models: Any, 
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("greeting", ["", "Hello."], ids=["no greeting", "after the greeting"])
+def test_the_first_question_finds_the_instructions_in_the_llm_cache(
+    models: Any, greeting: str
+) -> None:
+    base = cfg()
+    config = base.model_copy(update={"agent": base.agent.model_copy(update={"greeting": greeting})})
+
+    async def main() -> tuple[int, int]:
+        models.llama.llama.reset()  # nothing in the KV cache
+        async with running(models, config) as (session, _mic, _speaker, _ev):
+            await asyncio.wait_for(session.current_agent._prefill_task, 30)
+            usage: list[Any] = []
+            session.on("metrics_collected", lambda e: usage.append(e.metrics))
+            handle = session.generate_reply(user_input="What is two plus three?")
+            await asyncio.wait_for(handle.wait_for_playout(), 60)
+            first = next(m for m in usage if getattr(m, "prompt_tokens", 0))
+            return first.prompt_tokens, first.prompt_cached_tokens
+
+    prompt, cached = asyncio.run(main())
+    # all but the question (and the greeting) was evaluated before it came; without: 0
+    print(f"\nprompt {prompt} tokens, {cached} cached")
+    assert cached >= prompt - 25, (prompt, cached)
+
+
 def test_tool_call_runs(models: Any, speak: Any) -> None:
     config = cfg(agent={"tools": ["current_time"], "tool_choice": "current_time"})
 

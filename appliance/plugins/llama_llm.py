@@ -341,21 +341,26 @@ class LlamaLLM(llm.LLM):
         return "llama.cpp"
 
     def prefill(
-        self, chat_ctx: llm.ChatContext, tools: Sequence[llm.Tool | llm.Toolset] = ()
+        self,
+        chat_ctx: llm.ChatContext,
+        tools: Sequence[llm.Tool | llm.Toolset] = (),
+        *,
+        speculate: bool = True,
     ) -> asyncio.Future[int]:
         """Evaluate the prompt of a request with `chat_ctx` and `tools` now, on the LLM's
         worker, so that the request, when it comes, starts sampling at once (llama.cpp
         keeps the longest common token prefix). Push-to-talk calls it with the transcript
         made while the button is still held. It then samples the reply's first words (as
         the request would: same temperature), which the request with exactly this prompt
-        takes as its own start. Resolves to the tokens evaluated."""
+        takes as its own start (not with `speculate=False`). Resolves to the tokens
+        evaluated."""
         messages, schemas = _openai_request(chat_ctx, tools)
         local, choice = self._local, self._tool_choice
 
         def work() -> int:
             request = _render(local, messages, schemas, choice)
             evaluated = local.prefill(request.tokens)
-            if request.grammar is None and not local.request_waiting.is_set():
+            if speculate and request.grammar is None and not local.request_waiting.is_set():
                 local.speculate(
                     request.tokens, request.stop, temperature=self._temperature, words=SPECULATE
                 )
