@@ -203,6 +203,9 @@ class Playout(io.AudioOutput):
         if frame.sample_rate != rate:
             blocks = self._resampler.push(pcm, frame.sample_rate)
             pcm = np.concatenate(blocks) if blocks else np.zeros(0, np.int16)
+        self._enqueue(segment, pcm)
+
+    def _enqueue(self, segment: _Segment, pcm: np.ndarray) -> None:
         with self._lock:
             self._queue.append((segment, pcm))
             segment.queued += len(pcm)
@@ -216,9 +219,7 @@ class Playout(io.AudioOutput):
             tail = self._resampler.flush()
             self._resampler = None
             if len(tail) and self.sink_ready():
-                with self._lock:
-                    self._queue.append((segment, tail))
-                    segment.queued += len(tail)
+                self._enqueue(segment, tail)
         segment.flushed = True
         if segment.queued == 0 or not self.sink_ready():
             self._start(segment)  # nothing to play (or no sink): report it at once

@@ -110,7 +110,7 @@ class ApplianceAgent(Agent):
         if greeting is not None:
             await greeting.wait_for_playout()
         try:
-            await engine.prefill(self.chat_ctx.copy(), self.tools, speculate=False)
+            await engine.prefill(self.chat_ctx, self.tools, speculate=False)
         except Exception as exc:  # the model failing shows again, and is reported, on a turn
             logger.warning("LLM prefill of the instructions failed: %s", exc)
 
