@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import time
@@ -34,6 +35,8 @@ from .manifest import Manifest, ModelEntry, ModelFile
 
 _CHUNK = 4 * 1024 * 1024
 TRUST_FILE = "trust.json"
+logger = logging.getLogger(__name__)
+
 SPACE_MARGIN = 64 * 1024 * 1024  # keep this much free after a fetch or import
 
 
@@ -75,6 +78,23 @@ def cache_dir() -> Path:
         return Path(cache.split(":")[0])
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "appliance"
+
+
+def derived(out: Path, make: Callable[[Path], None]) -> Path:
+    """`out`, made once by `make(part)` and kept: its sha256 is written beside it and
+    checked at each use, so a damaged copy is made again. Raises OSError (and whatever
+    `make` raises) when it cannot be made or written."""
+    digest = out.with_name(out.name + ".sha256")
+    if out.exists() and digest.exists():
+        if sha256_of(out) == digest.read_text().strip():
+            return out
+        logger.warning("%s is damaged: making it again", out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(out.name + ".part")
+    make(part)
+    digest.write_text(sha256_of(part) + "\n")
+    part.replace(out)
+    return out
 
 
 def file_path(entry: ModelEntry, name: str, root: Path) -> Path:

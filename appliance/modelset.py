@@ -54,7 +54,7 @@ class ModelSet:
 
     def __init__(self, config: Config) -> None:
         from .plugins.llama_llm import LocalLlama, requantized
-        from .plugins.piper_tts import PiperVoice
+        from .plugins.piper_tts import PiperVoice, split_voice
         from .plugins.whisper_stt import load_model
 
         self.config = config
@@ -73,6 +73,12 @@ class ModelSet:
             entry = self.entries[model_id]
             return store.file_path(entry, entry.file(suffix).name, self.root)
 
+        def sha256(model_id: str, suffix: str) -> str:
+            entry = self.entries[model_id]
+            trust = store.TrustStore(self.root)  # the digest verification just checked
+            digest = store.expected_digest(entry, entry.file(suffix), trust)
+            return digest or store.sha256_of(path(model_id, suffix))  # unverified
+
         def timed(name: str, start: float) -> None:
             self.times.load_s[name] = round(time.perf_counter() - start, 3)
 
@@ -82,11 +88,8 @@ class ModelSet:
         t = time.perf_counter()
         gguf = path(cfg.llm, ".gguf")
         if cfg.llm_requantize:
-            entry = self.entries[cfg.llm]
-            trust = store.TrustStore(self.root)  # the digest verification just checked
-            sha256 = store.expected_digest(entry, entry.file(".gguf"), trust)
-            sha256 = sha256 or store.sha256_of(gguf)  # unverified ([models] verify = false)
-            gguf = requantized(gguf, sha256, cfg.llm_requantize, store.cache_dir())
+            digest = sha256(cfg.llm, ".gguf")
+            gguf = requantized(gguf, digest, cfg.llm_requantize, store.cache_dir())
         self.llama = LocalLlama(
             str(gguf),
             n_ctx=cfg.llm_context,
@@ -95,11 +98,13 @@ class ModelSet:
         )
         timed("llm", t)
         t = time.perf_counter()
+        voice = path(cfg.tts, ".onnx")
         self.voice = PiperVoice(
-            path(cfg.tts, ".onnx"),
+            voice,
             path(cfg.tts, ".onnx.json"),
             threads=cfg.threads,
             urgent_threads=cfg.tts_first_threads,
+            parts=split_voice(voice, sha256(cfg.tts, ".onnx"), store.cache_dir()),
         )
         timed("tts", t)
         self.smart_turn = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -11,11 +12,20 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from appliance.plugins.piper_tts import PiperTTS, PiperVoice, PiperVoiceError
+from appliance import manifest
+from appliance.plugins.piper_tts import (
+    FIRST_PIECE_FRAMES,
+    VOCODER_CONTEXT,
+    PiperTTS,
+    PiperVoice,
+    PiperVoiceError,
+    split_voice,
+)
 from appliance.plugins.priority import Priority
 
 from .conftest import model_file
@@ -257,7 +267,7 @@ def test_a_replys_first_chunk_renders_as_urgent_with_more_threads() -> None:
     )
     # the same voice on two threads (the noise in Piper's durations makes it vary a little)
     assert 0.7 < len(urgent) / len(plain) < 1.4 and _rms(urgent) > 500
-    assert PiperVoice(MODEL, CONFIG, threads=2, urgent_threads=2)._urgent_session is None
+    assert PiperVoice(MODEL, CONFIG, threads=2, urgent_threads=2)._urgent_models == []
 
     priority = _RecordingPriority()
 
@@ -275,3 +285,73 @@ def test_a_replys_first_chunk_renders_as_urgent_with_more_threads() -> None:
 
     assert asyncio.run(main()) > 2
     assert priority.urgent_jobs == 2
+
+
+SHA256 = manifest.load().models["piper/en_US-joe-medium"].file(".onnx").sha256
+LONG = "To convert an hour to minutes, you multiply the number of hours by sixty."
+
+
+def _still_voice(tmp_path: Path, parts: tuple[Path, Path] | None = None) -> PiperVoice:
+    """The voice without its random noise (noise_scale = noise_w = 0): the same phonemes
+    always give the same frames, so a split decode can be compared with a whole one."""
+    config = json.loads(CONFIG.read_text())
+    config["inference"].update(noise_scale=0.0, noise_w=0.0)
+    path = tmp_path / "still.onnx.json"
+    path.write_text(json.dumps(config))
+    return PiperVoice(MODEL, path, parts=parts)
+
+
+class _RecordingVocoder:
+    """A vocoder session that records how many frames each run decodes."""
+
+    def __init__(self, session: Any) -> None:
+        self.session, self.frames = session, []
+
+    def get_inputs(self) -> Any:
+        return self.session.get_inputs()
+
+    def run(self, outputs: Any, feed: dict[str, np.ndarray], options: Any = None) -> Any:
+        self.frames.append(next(iter(feed.values())).shape[-1])
+        return self.session.run(outputs, feed, options)
+
+
+def test_a_replys_first_audio_comes_before_its_sentence_is_decoded(tmp_path: Path) -> None:
+    parts = split_voice(MODEL, SHA256, tmp_path / "cache")
+    assert parts is not None and all(p.stat().st_size for p in parts)
+    split, whole = _still_voice(tmp_path, parts), _still_voice(tmp_path)
+    phonemes = split.phonemize(LONG)[0]
+    vocoder = split._models[1] = _RecordingVocoder(split._models[1])
+    pieces = split.pieces(phonemes, urgent=True)
+    first = next(pieces)
+    # the first audio is out after the vocoder ran over the first frames only
+    assert vocoder.frames == [FIRST_PIECE_FRAMES + VOCODER_CONTEXT]
+    assert 0 < len(first) <= FIRST_PIECE_FRAMES * 256
+    rest = list(pieces)
+    assert rest and sum(vocoder.frames) > len(vocoder.frames) * FIRST_PIECE_FRAMES
+    joined = np.concatenate([first, *rest]).astype(np.int32)
+    # the pieces join exactly (float rounding aside): as one decode, and as the whole model
+    (alone,) = split.pieces(phonemes)  # not urgent: one piece
+    reference = whole.synthesize_phonemes(phonemes)
+    assert len(joined) == len(alone) == len(reference) > 3 * 22050
+    assert np.abs(joined - alone).max() <= 1 and np.abs(joined - reference).max() <= 1
+
+
+def test_a_voice_that_cannot_be_split_runs_whole(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = tmp_path / "cache"
+    parts = split_voice(MODEL, SHA256, cache)
+    assert parts is not None
+    stamps = [p.stat().st_mtime_ns for p in parts]
+    assert split_voice(MODEL, SHA256, cache) == parts  # made once, then reused
+    assert [p.stat().st_mtime_ns for p in parts] == stamps
+    # another graph (no Piper vocoder in it): no parts, the voice runs whole
+    assert split_voice(model_file("smart-turn/v3.2", ".onnx"), "0" * 64, cache) is None
+    assert "runs whole" in caplog.text
+    # parts that do not load: the whole model is loaded instead
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx model")
+    voice = PiperVoice(MODEL, CONFIG, parts=(bad, bad))
+    assert len(voice._models) == 1 and "running the voice whole" in caplog.text
+    assert len(list(voice.pieces(voice.phonemize(LONG)[0], urgent=True))) == 1
+    assert _rms(voice.synthesize("Hello there.")) > 500

@@ -66,18 +66,9 @@ def requantized(source: Path, source_sha256: str, target: str, cache: Path) -> P
     import llama_cpp
     from llama_cpp._utils import suppress_stdout_stderr
 
-    from ..models import sha256_of
+    from ..models import derived
 
-    key = f"{source_sha256[:16]}-{llama_cpp.__version__}"
-    out = cache / f"{source.stem}.{target}.{key}.gguf"
-    digest = out.with_name(out.name + ".sha256")
-    try:
-        if out.exists() and digest.exists():
-            if sha256_of(out) == digest.read_text().strip():
-                return out
-            logger.warning("%s is damaged: requantizing it again", out)
-        cache.mkdir(parents=True, exist_ok=True)
-        part = out.with_name(out.name + ".part")
+    def make(part: Path) -> None:
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = REQUANTIZE_TYPES[target]
         params.allow_requantize = True
@@ -86,12 +77,11 @@ def requantized(source: Path, source_sha256: str, target: str, cache: Path) -> P
             code = llama_cpp.llama_model_quantize(str(source).encode(), str(part).encode(), params)
         if code != 0:
             raise OSError(f"llama.cpp could not requantize {source.name} to {target}")
-        digest.write_text(sha256_of(part) + "\n")
-        part.replace(out)
-        logger.info(
-            "requantized %s to %s in %.1f s: %s", source.name, target, time.perf_counter() - t, out
-        )
-        return out
+        logger.info("requantized %s to %s in %.1f s", source.name, target, time.perf_counter() - t)
+
+    key = f"{source_sha256[:16]}-{llama_cpp.__version__}"
+    try:
+        return derived(cache / f"{source.stem}.{target}.{key}.gguf", make)
     except OSError as exc:
         logger.warning("using %s as it is: cannot requantize it in %s: %s", source.name, cache, exc)
         return source

@@ -17,9 +17,10 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 import unicodedata
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,12 @@ _SILENCE_LEVEL = 100  # int16: below this the voice is silent (about -50 dBFS)
 _BREAK_RE = re.compile(r"(\.{2,}|…|[.!?]+|[,;:]|(?<=\s)[-–—]+)[)\]\"'”’»]*(?=\s|$)")
 _ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "mt"})
 _LANG_SWITCH_RE = re.compile(r"\([a-z]{2,3}(?:-[a-z0-9]+)*\)")  # espeak's "(fr)" markers
+# The vocoder (HiFi-GAN) makes each stretch of audio from the latent frames around it, so a
+# stretch of frames decodes on its own given this many frames of context on each side: at
+# 12 the pieces join bit-exact in int16 (joe-medium; at 8 they differed by up to 30).
+VOCODER_CONTEXT = 12
+FIRST_PIECE_FRAMES = 16  # a sentence's first audio: 16 frames, 186 ms at 22.05 kHz
+_VOCODER_NODE = "/dec/conv_pre/Conv"  # the vocoder's first node in Piper's VITS export
 
 
 class PiperVoiceError(RuntimeError):
@@ -181,6 +188,43 @@ class ClauseTokenizer(tokenize.SentenceTokenizer):
         return BufferedSentenceStream(tokenizer=split, min_token_len=self.min_len, min_ctx_len=2)
 
 
+def split_voice(model_path: Path, sha256: str, cache: Path) -> tuple[Path, Path] | None:
+    """The voice as two ONNX models, made once and kept in `cache`: the acoustic model
+    (phoneme ids to latent frames) and the vocoder (frames to audio), so that a sentence's
+    first frames can be heard before the rest are decoded (`PiperVoice.pieces`).
+
+    None (logged) where the graph has no vocoder of the expected shape (`_VOCODER_NODE`:
+    Piper's VITS export) or the parts cannot be made: the voice then runs whole.
+    """
+    from ..models import derived
+
+    stem = f"{model_path.stem}.{sha256[:16]}"
+    parts = (cache / f"{stem}.acoustic.onnx", cache / f"{stem}.vocoder.onnx")
+
+    def make(part: Path, which: int) -> None:
+        import onnx
+        import onnx.utils
+
+        model = onnx.load(str(model_path))
+        graph = model.graph
+        conv = next((n for n in graph.node if n.name == _VOCODER_NODE), None)
+        if conv is None:
+            raise ValueError(f"no {_VOCODER_NODE} node")
+        inputs = [i.name for i in graph.input]
+        outputs = [o.name for o in graph.output]
+        ends = ((inputs, [conv.input[0]]), ([conv.input[0]], outputs))[which]
+        onnx.save(onnx.utils.Extractor(model).extract_model(*ends), str(part))
+
+    try:
+        return (
+            derived(parts[0], lambda part: make(part, 0)),
+            derived(parts[1], lambda part: make(part, 1)),
+        )
+    except Exception as e:  # onnx's own errors: a graph it cannot cut, a bad file
+        logger.warning("%s runs whole (no first audio before the rest): %s", model_path.name, e)
+        return None
+
+
 def _load_session(model_path: Path, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -254,18 +298,31 @@ class EspeakProcess:
             proc.communicate()
 
 
+def _int16(audio: np.ndarray) -> np.ndarray:
+    return (np.clip(audio.reshape(-1), -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
 class PiperVoice:
     """A loaded Piper voice: heavy, loaded once per process, shared by sessions,
     thread-safe for synthesis."""
 
     def __init__(
-        self, model_path: Path, config_path: Path, *, threads: int = 1, urgent_threads: int = 0
+        self,
+        model_path: Path,
+        config_path: Path,
+        *,
+        threads: int = 1,
+        urgent_threads: int = 0,
+        parts: tuple[Path, Path] | None = None,
     ) -> None:
         """Load the voice's ``.onnx.json`` config and ``.onnx`` model.
 
+        ``parts``: the model split by `split_voice`, loaded instead of the whole one (which
+        is used if they cannot be loaded), so that `pieces` yields a sentence's first
+        audio before the rest is decoded.
         ``urgent_threads`` above ``threads`` loads the model a second time with that many
-        threads, for `synthesize_phonemes(urgent=True)`: a reply's first chunk, rendered
-        while the other models wait (`Priority`), may use every core.
+        threads, for `pieces(urgent=True)`: a reply's first audio, rendered while the other
+        models wait (`Priority`), may use every core.
 
         Raises PiperVoiceError naming the file when either cannot be read, and
         EspeakNotFoundError when the espeak-ng program is missing.
@@ -300,11 +357,19 @@ class PiperVoice:
             raise EspeakNotFoundError()
         self._espeak = EspeakProcess([espeak, "-q", "-b", "1", "--ipa", "-v", self._espeak_voice])
 
-        self._session = _load_session(model_path, threads)
-        self._urgent_session = (
-            _load_session(model_path, urgent_threads) if urgent_threads > threads else None
-        )
-        self._inputs = {i.name for i in self._session.get_inputs()}
+        self._models: list[ort.InferenceSession] = []  # the whole model, or its two parts
+        self._urgent_models: list[ort.InferenceSession] = []
+        for files in ([*parts], [model_path]) if parts else ([model_path],):
+            try:
+                self._models = [_load_session(f, threads) for f in files]
+                if urgent_threads > threads:
+                    self._urgent_models = [_load_session(f, urgent_threads) for f in files]
+                break
+            except PiperVoiceError as e:
+                if len(files) == 1:
+                    raise
+                logger.warning("running the voice whole: %s", e)
+        self._inputs = {i.name for i in self._models[0].get_inputs()}
         if not {"input", "input_lengths"} <= self._inputs:
             raise PiperVoiceError(
                 f"{model_path} is not a Piper voice model (inputs: {sorted(self._inputs)})"
@@ -389,14 +454,26 @@ class PiperVoice:
     def synthesize_phonemes(
         self, phonemes: str, *, run_options: ort.RunOptions | None = None, urgent: bool = False
     ) -> np.ndarray:
-        """Blocking: int16 mono audio for one sentence's phoneme string (may be empty).
+        """Blocking: int16 mono audio for one sentence's phoneme string (may be empty)."""
+        pieces = list(self.pieces(phonemes, run_options=run_options, urgent=urgent))
+        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int16)
 
+    def pieces(
+        self, phonemes: str, *, run_options: ort.RunOptions | None = None, urgent: bool = False
+    ) -> Iterator[np.ndarray]:
+        """Blocking generator: one sentence's int16 audio, in pieces as they are decoded.
+
+        ``urgent`` (a reply's first audio): with the voice split (`split_voice`), the first
+        piece is the sentence's first `FIRST_PIECE_FRAMES` frames (about 0.19 s), and each
+        next one twice as long as the one before, so it is decoded well before the audio
+        ahead of it has played; the pieces join exactly. The first piece uses the
+        ``urgent_threads`` copy, if loaded. Otherwise (or with a whole voice) the sentence
+        comes in one piece: each cut costs `VOCODER_CONTEXT` frames decoded twice.
         Setting ``run_options.terminate`` from another thread aborts the inference.
-        ``urgent`` runs it with the ``urgent_threads`` copy of the model, if loaded.
         """
         ids = self._phoneme_ids(phonemes)
         if len(ids) <= 3:  # BOS, pad, EOS: nothing to say
-            return np.zeros(0, dtype=np.int16)
+            return
         feeds: dict[str, Any] = {
             "input": np.array([ids], dtype=np.int64),
             "input_lengths": np.array([len(ids)], dtype=np.int64),
@@ -405,10 +482,32 @@ class PiperVoice:
             feeds["scales"] = self._scales
         if "sid" in self._inputs:
             feeds["sid"] = np.array([0], dtype=np.int64)
-        session = self._urgent_session if urgent and self._urgent_session else self._session
-        audio = np.asarray(session.run(None, feeds, run_options)[0]).reshape(-1)
-        pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype(np.int16)
-        return pcm[self._leading_silence(pcm) :]
+        models = self._urgent_models if urgent and self._urgent_models else self._models
+        out = np.asarray(models[0].run(None, feeds, run_options)[0])
+        if len(models) == 1:
+            pcm = _int16(out)
+            yield pcm[self._leading_silence(pcm) :]
+            return
+        frames, start, size = out.shape[-1], 0, FIRST_PIECE_FRAMES if urgent else out.shape[-1]
+        played_until = per_frame = 0.0  # when the audio given so far ends; decoding speed
+        while start < frames:
+            if start:  # as much as decodes in half the time the audio ahead lasts
+                ahead = played_until - time.monotonic()
+                size = max(FIRST_PIECE_FRAMES, int(ahead / 2 / per_frame) - 2 * VOCODER_CONTEXT)
+            end = frames if frames - (start + size) < VOCODER_CONTEXT else start + size
+            low, high = max(0, start - VOCODER_CONTEXT), min(frames, end + VOCODER_CONTEXT)
+            vocoder = models[1] if start == 0 else self._models[1]
+            feed = {vocoder.get_inputs()[0].name: out[..., low:high]}
+            began = time.monotonic()
+            audio = np.asarray(vocoder.run(None, feed, run_options)[0]).reshape(-1)
+            now = time.monotonic()
+            per_frame = max(now - began, 1e-6) / (high - low)
+            hop = audio.size // (high - low)
+            pcm = _int16(audio[(start - low) * hop : (end - low) * hop])
+            pcm = pcm[self._leading_silence(pcm) :] if start == 0 else pcm
+            played_until = max(played_until, now) + pcm.size / self._sample_rate
+            yield pcm
+            start = end
 
     def _leading_silence(self, pcm: np.ndarray) -> int:
         """Samples of the voice's near-silent lead-in (30-60 ms) to drop, keeping 10 ms."""
@@ -509,12 +608,23 @@ class _PiperChunkedStream(tts.ChunkedStream):
         self._piper = tts
         self._priority = tts._priority if urgent else None  # until its first audio is out
 
-    def _render(self, voice: PiperVoice, phonemes: str, run_options: ort.RunOptions) -> np.ndarray:
-        """Executor job: one sentence; the first of an urgent chunk keeps the LLM waiting."""
+    def _render(
+        self, phonemes: str, run_options: ort.RunOptions, deliver: Callable[[np.ndarray], None]
+    ) -> None:
+        """Executor job: one sentence, each piece given to `deliver` as it is decoded (in
+        one job, so other sessions' sentences do not come between its pieces); the first
+        audio of an urgent chunk keeps the LLM waiting."""
+        urgent = self._priority is not None
+        pieces = self._piper.voice.pieces(phonemes, run_options=run_options, urgent=urgent)
         if self._priority is not None:
             with self._priority.urgent():
-                return voice.synthesize_phonemes(phonemes, run_options=run_options, urgent=True)
-        return voice.synthesize_phonemes(phonemes, run_options=run_options)
+                first = next(pieces, None)
+            if first is None:
+                return
+            self._priority = None  # the first audio is out: the rest is not urgent
+            deliver(first)
+        for piece in pieces:
+            deliver(piece)
 
     async def _run(self, output_emitter: tts.AudioEmitter) -> None:
         voice, executor = self._piper.voice, self._piper._executor
@@ -525,7 +635,20 @@ class _PiperChunkedStream(tts.ChunkedStream):
             mime_type="audio/pcm",
         )
         loop = asyncio.get_running_loop()
-        pushed = False
+        pushed = cancelled = False
+
+        def push(audio: np.ndarray) -> None:  # on the loop
+            nonlocal pushed
+            if cancelled or not audio.size:
+                return
+            if not pushed:
+                trace.mark("tts.first_audio")
+            output_emitter.push(audio.tobytes())
+            pushed = True
+
+        def deliver(audio: np.ndarray) -> None:  # on the executor's thread
+            loop.call_soon_threadsafe(push, audio)
+
         trace.mark("tts.start")
         try:
             sentences = await loop.run_in_executor(executor, voice.phonemize, self.input_text)
@@ -534,18 +657,13 @@ class _PiperChunkedStream(tts.ChunkedStream):
                 # and the one being computed is aborted through its RunOptions
                 run_options = ort.RunOptions()
                 try:
-                    audio = await loop.run_in_executor(
-                        executor, self._render, voice, phonemes, run_options
+                    await loop.run_in_executor(
+                        executor, self._render, phonemes, run_options, deliver
                     )
                 except asyncio.CancelledError:
                     run_options.terminate = True
+                    cancelled = True
                     raise
-                if audio.size:
-                    self._priority = None  # the first audio is out: the rest is not urgent
-                    if not pushed:
-                        trace.mark("tts.first_audio")
-                    output_emitter.push(audio.tobytes())
-                    pushed = True
         except Exception as e:  # espeak-ng or onnxruntime: retrying would fail the same way
             raise APIError(f"piper synthesis failed: {e}", retryable=False) from e
         if not pushed and self.input_text.strip():
