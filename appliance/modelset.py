@@ -128,7 +128,10 @@ class ModelSet:
         t = time.perf_counter()
         transcribe(self.whisper, np.zeros(16000, np.float32), "en")
         self.llama.warm()
-        self.voice.synthesize("Ready.")
+        if self.config.agent.greeting:  # rendered once, played from memory at every call
+            self.voice.rendered(self.config.agent.greeting)
+        else:
+            self.voice.synthesize("Ready.")
         if self.smart_turn is not None:
             self.smart_turn.predict(np.zeros(16000, np.int16))
         self.times.warm_s = time.perf_counter() - t

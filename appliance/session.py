@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from livekit.agents import (
     Agent,
     AgentSession,
+    ConversationItemAddedEvent,
     RunContext,
     StopResponse,
     UserInputTranscribedEvent,
     function_tool,
     llm,
 )
+from livekit.agents.types import NOT_GIVEN
 from livekit.agents.voice import io
 from livekit.agents.voice.transcription.synchronizer import TranscriptSynchronizer
 from livekit.agents.voice.turn import TurnHandlingOptions
@@ -92,10 +94,33 @@ class ApplianceAgent(Agent):
         self.turn_gate = turn_gate
 
     async def on_enter(self) -> None:
-        greeting = (
-            self.session.say(self.greeting, allow_interruptions=True) if self.greeting else None
-        )
+        from .plugins.piper_tts import PiperTTS
+
+        greeting = None
+        if self.greeting:
+            engine = self.session.tts
+            # the same greeting every call: Piper renders it once per process
+            audio = engine.rendered(self.greeting) if isinstance(engine, PiperTTS) else NOT_GIVEN
+            greeting = self.session.say(self.greeting, audio=audio, allow_interruptions=True)
         self._prefill_task = asyncio.create_task(self._prefill_instructions(greeting))
+        self.session.on("conversation_item_added", self._after_item)
+
+    async def on_exit(self) -> None:
+        self.session.off("conversation_item_added", self._after_item)
+
+    def _after_item(self, event: ConversationItemAddedEvent) -> None:
+        """After each reply, the conversation so far and the start of the user's next
+        turn go into the LLM's KV cache (about 5 template tokens and whatever of the reply
+        was not cached as generated), so the next question evaluates only itself."""
+        from .plugins.llama_llm import LlamaLLM
+
+        engine = self.session.llm
+        if getattr(event.item, "role", None) != "assistant" or not isinstance(engine, LlamaLLM):
+            return
+        if not self._prefill_task.done():
+            return  # the greeting: the session's start does it once played
+        prefill = engine.prefill(self.chat_ctx, self.tools, upto_user=True, keep_others=True)
+        prefill.add_done_callback(_log_prefill_error)
 
     async def _prefill_instructions(self, greeting: SpeechHandle | None) -> None:
         """Evaluate the instructions and tools into the LLM's KV cache, so that the first
@@ -110,7 +135,7 @@ class ApplianceAgent(Agent):
         if greeting is not None:
             await greeting.wait_for_playout()
         try:
-            await engine.prefill(self.chat_ctx, self.tools, speculate=False)
+            await engine.prefill(self.chat_ctx, self.tools, upto_user=True)
         except Exception as exc:  # the model failing shows again, and is reported, on a turn
             logger.warning("LLM prefill of the instructions failed: %s", exc)
 
@@ -120,6 +145,11 @@ class ApplianceAgent(Agent):
         if self.turn_gate is not None and not self.turn_gate():
             logger.info("user turn dropped: %r", new_message.text_content)
             raise StopResponse()
+
+
+def _log_prefill_error(future: asyncio.Future[int]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("LLM prefill after the reply failed: %s", future.exception())
 
 
 def turn_handling(

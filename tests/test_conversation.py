@@ -167,6 +167,52 @@ def test_the_first_question_finds_the_instructions_in_the_llm_cache(
     assert cached >= prompt - 25, (prompt, cached)
 
 
+def test_after_a_reply_the_next_question_finds_the_conversation_in_the_llm_cache(
+    models: Any,
+) -> None:
+    async def main() -> list[tuple[int, int]]:
+        async with running(models, cfg()) as (session, _mic, _speaker, _ev):
+            await asyncio.wait_for(session.current_agent._prefill_task, 30)
+            usage: list[Any] = []
+            session.on("metrics_collected", lambda e: usage.append(e.metrics))
+            for question in ("What is two plus three?", "And four plus five?"):
+                handle = session.generate_reply(user_input=question)
+                await asyncio.wait_for(handle.wait_for_playout(), 60)
+                await asyncio.sleep(0.5)  # the prefill after the reply
+            firsts = [m for m in usage if getattr(m, "prompt_tokens", 0)]
+            return [(m.prompt_tokens, m.prompt_cached_tokens) for m in firsts]
+
+    (_, _), (prompt, cached) = asyncio.run(main())[:2]
+    question = len(models.llama.llama.tokenize(b"And four plus five?", add_bos=False))
+    # the question and the template's end of its turn; without the prefill 5 more (the end
+    # of the reply's turn and the start of the question's)
+    assert prompt - cached <= question + 6, (prompt, cached, question)
+
+
+def test_the_greeting_is_rendered_once_and_played_from_memory(
+    models: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    greeting = "Hello, you are through to the front desk."
+    config = cfg(agent={"greeting": greeting})
+    phonemized: list[str] = []  # every synthesis, streamed or whole, phonemizes its text
+    phonemize = models.voice.phonemize
+    monkeypatch.setattr(
+        models.voice, "phonemize", lambda text: phonemized.append(text) or phonemize(text)
+    )
+
+    async def call() -> tuple[list[str], str]:
+        async with running(models, config) as (session, _mic, speaker, _ev):
+            await asyncio.wait_for(session.current_agent._prefill_task, 30)  # after playout
+            said = [i["text"] for i in history_items(session.history) if i["role"] == "assistant"]
+            assert speaker.rate is not None
+            return said, transcribe_back(models, speaker.recording(), speaker.rate)
+
+    for n in range(3):  # three calls: the first renders it, the others play it
+        said, heard = asyncio.run(call())
+        assert said == [greeting] and {"front", "desk"} <= words(heard), (said, heard)
+        assert phonemized == [greeting], (n, phonemized)
+
+
 def test_tool_call_runs(models: Any, speak: Any) -> None:
     config = cfg(agent={"tools": ["current_time"], "tool_choice": "current_time"})
 

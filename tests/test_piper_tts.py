@@ -20,6 +20,7 @@ import pytest
 from appliance import manifest
 from appliance.plugins.piper_tts import (
     FIRST_PIECE_FRAMES,
+    RENDERED_KEEP,
     VOCODER_CONTEXT,
     PiperTTS,
     PiperVoice,
@@ -355,3 +356,11 @@ def test_a_voice_that_cannot_be_split_runs_whole(
     assert len(voice._models) == 1 and "running the voice whole" in caplog.text
     assert len(list(voice.pieces(voice.phonemize(LONG)[0], urgent=True))) == 1
     assert _rms(voice.synthesize("Hello there.")) > 500
+
+
+def test_a_rendered_text_is_kept_until_newer_ones_push_it_out(voice: PiperVoice) -> None:
+    kept = voice.rendered("Hello there.")
+    assert _rms(kept) > 500 and voice.rendered("Hello there.") is kept
+    for n in range(RENDERED_KEEP):
+        voice.rendered(f"Number {n}.")
+    assert voice.rendered("Hello there.") is not kept  # the oldest went

@@ -235,6 +235,44 @@ def test_a_prefilled_prompt_is_in_the_kv_cache_when_its_request_comes(models: An
     assert models.llama.ahead is None  # taken by the request
 
 
+def test_the_next_questions_prompt_start_is_prefilled_but_not_over_another_prompt(
+    models: Any,
+) -> None:
+    """`prefill(upto_user=True)` after a reply: the conversation and the template's start
+    of the next user turn are cached, so the next question evaluates only itself; where
+    the cache holds another prompt (a request came in between), it leaves it alone."""
+    llama = models.llama.llama
+
+    async def main() -> list[Any]:
+        engine = LlamaLLM(models.llama, models.llm_executor, model_name="smollm2", max_tokens=8)
+        ctx = llm.ChatContext.empty()
+        ctx.add_message(role="system", content="You are a helpful voice assistant.")
+        ctx.add_message(role="user", content="What is the capital of France?")
+        ctx.add_message(role="assistant", content="The capital of France is Paris.")
+        usage: list[Any] = []
+        engine.on("metrics_collected", usage.append)
+        llama.reset()
+        evaluated = await engine.prefill(ctx, upto_user=True)
+        tail = llama.detokenize(llama._input_ids[-12:].tolist(), special=True).decode()
+        ctx.add_message(role="user", content="And of Spain?")
+        async with engine.chat(chat_ctx=ctx) as stream:
+            async for _chunk in stream:
+                pass
+        other = llm.ChatContext.empty()  # another call's conversation in the cache
+        other.add_message(role="user", content="Name three colours of the rainbow, please.")
+        await engine.prefill(other, speculate=False)
+        before = llama._input_ids.tolist()
+        skipped = await engine.prefill(ctx, upto_user=True, keep_others=True)
+        return [evaluated, tail, usage[-1], skipped, before == llama._input_ids.tolist()]
+
+    evaluated, tail, usage, skipped, untouched = asyncio.run(main())
+    assert evaluated > 20 and tail.endswith("Paris.<|im_end|>\n<|im_start|>user\n"), tail
+    question = len(llama.tokenize(b"And of Spain?", add_bos=False))
+    # only the question and the template's end of its turn were left to evaluate
+    assert 0 < usage.prompt_tokens - usage.prompt_cached_tokens <= question + 6, usage
+    assert skipped == 0 and untouched
+
+
 def test_llm_forced_tool_choice_gives_a_valid_call(models: Any) -> None:
     from appliance.session import build_tools
 

@@ -12,6 +12,7 @@ token.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -85,6 +86,11 @@ def requantized(source: Path, source_sha256: str, target: str, cache: Path) -> P
     except OSError as exc:
         logger.warning("using %s as it is: cannot requantize it in %s: %s", source.name, cache, exc)
         return source
+
+
+# An `upto_user` prefill keeps the cached tokens of any other prompt that differs from its
+# own by more than this (a reply cut short by the user differs by its unspoken end).
+_PREFILL_MAY_DROP = 4
 
 
 class LocalLlama:
@@ -336,21 +342,40 @@ class LlamaLLM(llm.LLM):
         tools: Sequence[llm.Tool | llm.Toolset] = (),
         *,
         speculate: bool = True,
+        upto_user: bool = False,
+        keep_others: bool = False,
     ) -> asyncio.Future[int]:
         """Evaluate the prompt of a request with `chat_ctx` and `tools` now, on the LLM's
         worker, so that the request, when it comes, starts sampling at once (llama.cpp
         keeps the longest common token prefix). Push-to-talk calls it with the transcript
         made while the button is still held. It then samples the reply's first words (as
         the request would: same temperature), which the request with exactly this prompt
-        takes as its own start (not with `speculate=False`). Resolves to the tokens
+        takes as its own start (not with `speculate=False`). `upto_user`: only the prompt
+        up to where the user's next words will go (the conversation so far and the
+        template's start of a user turn); nothing is sampled. `keep_others`: nothing is
+        done where it would drop more than `_PREFILL_MAY_DROP` cached tokens (the prompt
+        of a request that came in between, another call's). Resolves to the tokens
         evaluated."""
         messages, schemas = _openai_request(chat_ctx, tools)
         local, choice = self._local, self._tool_choice
 
         def work() -> int:
-            request = _render(local, messages, schemas, choice)
+            if upto_user:  # what two different next questions' prompts have in common
+                one, two = (
+                    _render(local, [*messages, {"role": "user", "content": text}], schemas, choice)
+                    for text in ("Yes", "No")
+                )
+                common = Llama.longest_token_prefix(one.tokens, two.tokens)
+                request = dataclasses.replace(one, tokens=one.tokens[:common])
+            else:
+                request = _render(local, messages, schemas, choice)
+            if keep_others:
+                cached = Llama.longest_token_prefix(local.llama._input_ids.tolist(), request.tokens)
+                if local.llama.n_tokens - cached > _PREFILL_MAY_DROP:
+                    return 0  # the cache holds another request's prompt (a turn or a call)
             evaluated = local.prefill(request.tokens)
-            if speculate and request.grammar is None and not local.request_waiting.is_set():
+            speculate_now = speculate and not upto_user and request.grammar is None
+            if speculate_now and not local.request_waiting.is_set():
                 local.speculate(
                     request.tokens, request.stop, temperature=self._temperature, words=SPECULATE
                 )

@@ -10,6 +10,7 @@ is synthesized separately so that its audio can be played while the next one is 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import json
 import logging
@@ -20,12 +21,13 @@ import threading
 import time
 import unicodedata
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from livekit import rtc
 from livekit.agents import APIError, tokenize, tts, utils
 from livekit.agents.tokenize.token_stream import BufferedSentenceStream
 from livekit.agents.tokenize.tokenizer import SentenceStream
@@ -50,6 +52,7 @@ _LANG_SWITCH_RE = re.compile(r"\([a-z]{2,3}(?:-[a-z0-9]+)*\)")  # espeak's "(fr)
 # stretch of frames decodes on its own given this many frames of context on each side: at
 # 12 the pieces join bit-exact in int16 (joe-medium; at 8 they differed by up to 30).
 VOCODER_CONTEXT = 12
+RENDERED_KEEP = 8  # texts whose audio a voice keeps (`PiperVoice.rendered`)
 FIRST_PIECE_FRAMES = 16  # a sentence's first audio: 16 frames, 186 ms at 22.05 kHz
 _VOCODER_NODE = "/dec/conv_pre/Conv"  # the vocoder's first node in Piper's VITS export
 
@@ -376,6 +379,8 @@ class PiperVoice:
             )
         self._missing: set[str] = set()
         self._missing_lock = threading.Lock()
+        self._rendered: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._rendered_lock = threading.Lock()
         self._espeak.prepare()
         weakref.finalize(self, self._espeak.close)
 
@@ -526,6 +531,21 @@ class PiperVoice:
         chunks = list(self.synthesize_sentences(text))
         return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
 
+    def rendered(self, text: str) -> np.ndarray:
+        """Blocking: `synthesize(text)`, made once and kept (the last `RENDERED_KEEP`
+        texts): a greeting said at the start of every call is ready at once. Thread-safe."""
+        with self._rendered_lock:
+            audio = self._rendered.get(text)
+            if audio is not None:
+                self._rendered.move_to_end(text)
+                return audio
+        audio = self.synthesize(text)
+        with self._rendered_lock:
+            self._rendered[text] = audio
+            while len(self._rendered) > RENDERED_KEEP:
+                self._rendered.popitem(last=False)
+        return audio
+
 
 class PiperTTS(tts.TTS):
     """Per-session livekit TTS over a shared PiperVoice. Construct inside a running event loop."""
@@ -576,6 +596,16 @@ class PiperTTS(tts.TTS):
         return _PiperChunkedStream(
             tts=self, input_text=text, conn_options=conn_options, urgent=urgent
         )
+
+    async def rendered(self, text: str) -> AsyncIterator[rtc.AudioFrame]:
+        """`text` as audio frames from the voice's kept renderings (`PiperVoice.rendered`;
+        synthesized on the executor the first time): for `AgentSession.say(audio=...)`."""
+        loop = asyncio.get_running_loop()
+        audio = await loop.run_in_executor(self._executor, self._voice.rendered, text)
+        step = self._voice.sample_rate // 10  # 100 ms frames
+        for start in range(0, len(audio), step):
+            piece = audio[start : start + step]
+            yield rtc.AudioFrame(piece.tobytes(), self._voice.sample_rate, 1, len(piece))
 
     def stream(
         self, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
