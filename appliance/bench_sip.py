@@ -176,12 +176,8 @@ async def _bench(
     sip = config.sip.model_copy(
         update={"enabled": True, "listen": "127.0.0.1", "port": port, "max_calls": max(levels)}
     )
-    agent = config.agent
-    if not agent.greeting:  # the answer-to-greeting figure needs one
-        agent = agent.model_copy(update={"greeting": "Hello, how can I help you?"})
     appliance_config = config.model_copy(
         update={
-            "agent": agent,
             "sip": sip,
             "audio": config.audio.model_copy(update={"enabled": False}),
             "http": config.http.model_copy(update={"enabled": False}),
@@ -212,8 +208,11 @@ def run_bench_sip(args: argparse.Namespace, config: Config) -> int:
     from .modelset import ModelSet
 
     started = datetime.datetime.now(datetime.timezone.utc)
+    if not config.agent.greeting:  # the answer-to-greeting figure needs one
+        agent = config.agent.model_copy(update={"greeting": "Hello, how can I help you?"})
+        config = config.model_copy(update={"agent": agent})
     models = ModelSet(config)
-    models.warm()
+    models.warm()  # as the daemon does: the greeting is rendered here
     questions = spoken_questions(models, len(QUESTIONS), RATE)
     levels = [int(n) for n in args.calls.split(",")]
     try:
