@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from appliance import manifest
+from appliance.plugins import piper_tts
 from appliance.plugins.piper_tts import (
     FIRST_PIECE_FRAMES,
     RENDERED_KEEP,
@@ -338,7 +339,7 @@ def test_a_replys_first_audio_comes_before_its_sentence_is_decoded(tmp_path: Pat
 
 
 def test_a_voice_that_cannot_be_split_runs_whole(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache = tmp_path / "cache"
     parts = split_voice(MODEL, SHA256, cache)
@@ -356,6 +357,11 @@ def test_a_voice_that_cannot_be_split_runs_whole(
     assert len(voice._models) == 1 and "running the voice whole" in caplog.text
     assert len(list(voice.pieces(voice.phonemize(LONG)[0], urgent=True))) == 1
     assert _rms(voice.synthesize("Hello there.")) > 500
+    # a vocoder that reaches further than the context given: checked at load, run whole
+    monkeypatch.setattr(piper_tts, "VOCODER_CONTEXT", 6)
+    caplog.clear()
+    voice = PiperVoice(MODEL, CONFIG, parts=parts)
+    assert len(voice._models) == 1 and "reaches past 6 frames" in caplog.text
 
 
 def test_a_rendered_text_is_kept_until_newer_ones_push_it_out(voice: PiperVoice) -> None:

@@ -381,6 +381,15 @@ class PiperVoice:
         self._missing_lock = threading.Lock()
         self._rendered: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self._rendered_lock = threading.Lock()
+        if len(self._models) == 2 and not self._pieces_join():
+            logger.warning(
+                "running the voice whole: its vocoder reaches past %d frames of "
+                "context, so pieces would click where they join",
+                VOCODER_CONTEXT,
+            )
+            self._models = [_load_session(model_path, threads)]
+            if self._urgent_models:
+                self._urgent_models = [_load_session(model_path, urgent_threads)]
         self._espeak.prepare()
         weakref.finalize(self, self._espeak.close)
 
@@ -456,6 +465,37 @@ class PiperVoice:
         ids.extend(self._id_map[_EOS])
         return ids
 
+    def _feeds(self, ids: list[int]) -> dict[str, Any]:
+        feeds: dict[str, Any] = {
+            "input": np.array([ids], dtype=np.int64),
+            "input_lengths": np.array([len(ids)], dtype=np.int64),
+        }
+        if "scales" in self._inputs:
+            feeds["scales"] = self._scales
+        if "sid" in self._inputs:
+            feeds["sid"] = np.array([0], dtype=np.int64)
+        return feeds
+
+    def _pieces_join(self) -> bool:
+        """Whether frames decoded in two pieces, each with `VOCODER_CONTEXT` frames of
+        context, give the audio of one decode (checked once per voice: a vocoder that
+        reaches further would click at every cut)."""
+        acoustic, vocoder = self._models
+        ids = self._phoneme_ids("ðɪs ɪz ɐ tˈɛst ʌv ðə vˈɔɪs, wˈʌn tˈuː θɹˈiː.")
+        frames = np.asarray(acoustic.run(None, self._feeds(ids))[0])
+        frames = np.concatenate([frames] * (1 + 64 // frames.shape[-1]), axis=-1)[..., :64]
+        name, cut = vocoder.get_inputs()[0].name, 24
+
+        def decode(part: np.ndarray) -> np.ndarray:
+            return _int16(np.asarray(vocoder.run(None, {name: part})[0])).astype(np.int32)
+
+        whole = decode(frames)
+        hop = whole.size // frames.shape[-1]
+        first = decode(frames[..., : cut + VOCODER_CONTEXT])[: cut * hop]
+        rest = decode(frames[..., cut - VOCODER_CONTEXT :])[VOCODER_CONTEXT * hop :]
+        joined = np.concatenate([first, rest])
+        return joined.size == whole.size and int(np.abs(joined - whole).max()) <= 2
+
     def synthesize_phonemes(
         self, phonemes: str, *, run_options: ort.RunOptions | None = None, urgent: bool = False
     ) -> np.ndarray:
@@ -479,16 +519,8 @@ class PiperVoice:
         ids = self._phoneme_ids(phonemes)
         if len(ids) <= 3:  # BOS, pad, EOS: nothing to say
             return
-        feeds: dict[str, Any] = {
-            "input": np.array([ids], dtype=np.int64),
-            "input_lengths": np.array([len(ids)], dtype=np.int64),
-        }
-        if "scales" in self._inputs:
-            feeds["scales"] = self._scales
-        if "sid" in self._inputs:
-            feeds["sid"] = np.array([0], dtype=np.int64)
         models = self._urgent_models if urgent and self._urgent_models else self._models
-        out = np.asarray(models[0].run(None, feeds, run_options)[0])
+        out = np.asarray(models[0].run(None, self._feeds(ids), run_options)[0])
         if len(models) == 1:
             pcm = _int16(out)
             yield pcm[self._leading_silence(pcm) :]
