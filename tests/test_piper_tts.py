@@ -347,6 +347,9 @@ def test_a_voice_that_cannot_be_split_runs_whole(
     stamps = [p.stat().st_mtime_ns for p in parts]
     assert split_voice(MODEL, SHA256, cache) == parts  # made once, then reused
     assert [p.stat().st_mtime_ns for p in parts] == stamps
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")
+    assert split_voice(MODEL, SHA256, blocked) is None  # the cache cannot be written
     # another graph (no Piper vocoder in it): no parts, the voice runs whole
     assert split_voice(model_file("smart-turn/v3.2", ".onnx"), "0" * 64, cache) is None
     assert "runs whole" in caplog.text
