@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import json
 import logging
 import re
@@ -54,6 +55,7 @@ _LANG_SWITCH_RE = re.compile(r"\([a-z]{2,3}(?:-[a-z0-9]+)*\)")  # espeak's "(fr)
 VOCODER_CONTEXT = 12
 RENDERED_KEEP = 8  # texts whose audio a voice keeps (`PiperVoice.rendered`)
 FIRST_PIECE_FRAMES = 16  # a sentence's first audio: 16 frames, 186 ms at 22.05 kHz
+URGENT_PIECES = 2  # a reply's first pieces rendered as urgent (`Priority`: the LLM waits)
 _VOCODER_NODE = "/dec/conv_pre/Conv"  # the vocoder's first node in Piper's VITS export
 
 
@@ -510,10 +512,11 @@ class PiperVoice:
 
         ``urgent`` (a reply's first audio): with the voice split (`split_voice`), the first
         piece is the sentence's first `FIRST_PIECE_FRAMES` frames (about 0.19 s), and each
-        next one twice as long as the one before, so it is decoded well before the audio
-        ahead of it has played; the pieces join exactly. The first piece uses the
-        ``urgent_threads`` copy, if loaded. Otherwise (or with a whole voice) the sentence
-        comes in one piece: each cut costs `VOCODER_CONTEXT` frames decoded twice.
+        next one as long as decodes in a third of the time the audio ahead of it lasts
+        (at the speed measured on the piece before); the pieces join exactly. The first
+        `URGENT_PIECES` use the ``urgent_threads`` copy, if loaded. Otherwise (or with a
+        whole voice) the sentence comes in one piece: each cut decodes
+        `VOCODER_CONTEXT` frames twice.
         Setting ``run_options.terminate`` from another thread aborts the inference.
         """
         ids = self._phoneme_ids(phonemes)
@@ -527,13 +530,15 @@ class PiperVoice:
             return
         frames, start, size = out.shape[-1], 0, FIRST_PIECE_FRAMES if urgent else out.shape[-1]
         played_until = per_frame = 0.0  # when the audio given so far ends; decoding speed
-        while start < frames:
-            if start:  # as much as decodes in half the time the audio ahead lasts
+        for n in itertools.count():  # the n-th piece
+            if start >= frames:
+                return
+            if start:  # as much as decodes in a third of the time the audio ahead lasts
                 ahead = played_until - time.monotonic()
-                size = max(FIRST_PIECE_FRAMES, int(ahead / 2 / per_frame) - 2 * VOCODER_CONTEXT)
+                size = max(FIRST_PIECE_FRAMES, int(ahead / 3 / per_frame) - 2 * VOCODER_CONTEXT)
             end = frames if frames - (start + size) < VOCODER_CONTEXT else start + size
             low, high = max(0, start - VOCODER_CONTEXT), min(frames, end + VOCODER_CONTEXT)
-            vocoder = models[1] if start == 0 else self._models[1]
+            vocoder = models[1] if n < URGENT_PIECES else self._models[1]
             feed = {vocoder.get_inputs()[0].name: out[..., low:high]}
             began = time.monotonic()
             audio = np.asarray(vocoder.run(None, feed, run_options)[0]).reshape(-1)
@@ -679,12 +684,11 @@ class _PiperChunkedStream(tts.ChunkedStream):
         urgent = self._priority is not None
         pieces = self._piper.voice.pieces(phonemes, run_options=run_options, urgent=urgent)
         if self._priority is not None:
+            # the first two pieces: the second must be out before the first has played
             with self._priority.urgent():
-                first = next(pieces, None)
-            if first is None:
-                return
+                for piece in itertools.islice(pieces, URGENT_PIECES):
+                    deliver(piece)
             self._priority = None  # the first audio is out: the rest is not urgent
-            deliver(first)
         for piece in pieces:
             deliver(piece)
 
