@@ -120,7 +120,7 @@ class ApplianceAgent(Agent):
         if not self._prefill_task.done():
             return  # the greeting: the session's start does it once played
         prefill = engine.prefill(self.chat_ctx, self.tools, upto_user=True, keep_others=True)
-        prefill.add_done_callback(_log_prefill_error)
+        prefill.add_done_callback(_prefill_done)
 
     async def _prefill_instructions(self, greeting: SpeechHandle | None) -> None:
         """Evaluate the instructions and tools into the LLM's KV cache, so that the first
@@ -145,11 +145,6 @@ class ApplianceAgent(Agent):
         if self.turn_gate is not None and not self.turn_gate():
             logger.info("user turn dropped: %r", new_message.text_content)
             raise StopResponse()
-
-
-def _log_prefill_error(future: asyncio.Future[int]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        logger.warning("LLM prefill after the reply failed: %s", future.exception())
 
 
 def turn_handling(
