@@ -362,11 +362,25 @@ class PiperVoice:
             raise EspeakNotFoundError()
         self._espeak = EspeakProcess([espeak, "-q", "-b", "1", "--ipa", "-v", self._espeak_voice])
 
+        self._missing: set[str] = set()
+        self._missing_lock = threading.Lock()
+        self._rendered: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._rendered_lock = threading.Lock()
         self._models: list[ort.InferenceSession] = []  # the whole model, or its two parts
         self._urgent_models: list[ort.InferenceSession] = []
         for files in ([*parts], [model_path]) if parts else ([model_path],):
             try:
                 self._models = [_load_session(f, threads) for f in files]
+                self._inputs = {i.name for i in self._models[0].get_inputs()}
+                if not {"input", "input_lengths"} <= self._inputs:
+                    raise PiperVoiceError(
+                        f"{files[0]} is not a Piper voice model (inputs: {sorted(self._inputs)})"
+                    )
+                if len(files) == 2 and not self._pieces_join():
+                    raise PiperVoiceError(
+                        f"its vocoder reaches past {VOCODER_CONTEXT} frames of context, so "
+                        "pieces would click where they join"
+                    )
                 if urgent_threads > threads:
                     self._urgent_models = [_load_session(f, urgent_threads) for f in files]
                 break
@@ -374,24 +388,6 @@ class PiperVoice:
                 if len(files) == 1:
                     raise
                 logger.warning("running the voice whole: %s", e)
-        self._inputs = {i.name for i in self._models[0].get_inputs()}
-        if not {"input", "input_lengths"} <= self._inputs:
-            raise PiperVoiceError(
-                f"{model_path} is not a Piper voice model (inputs: {sorted(self._inputs)})"
-            )
-        self._missing: set[str] = set()
-        self._missing_lock = threading.Lock()
-        self._rendered: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
-        self._rendered_lock = threading.Lock()
-        if len(self._models) == 2 and not self._pieces_join():
-            logger.warning(
-                "running the voice whole: its vocoder reaches past %d frames of "
-                "context, so pieces would click where they join",
-                VOCODER_CONTEXT,
-            )
-            self._models = [_load_session(model_path, threads)]
-            if self._urgent_models:
-                self._urgent_models = [_load_session(model_path, urgent_threads)]
         self._espeak.prepare()
         weakref.finalize(self, self._espeak.close)
 
