@@ -681,10 +681,13 @@ class _PiperChunkedStream(tts.ChunkedStream):
         pieces = self._piper.voice.pieces(phonemes, run_options=run_options, urgent=urgent)
         if self._priority is not None:
             # the first two pieces: the second must be out before the first has played
+            out = False
             with self._priority.urgent():
                 for piece in itertools.islice(pieces, URGENT_PIECES):
                     deliver(piece)
-            self._priority = None  # the first audio is out: the rest is not urgent
+                    out = out or bool(piece.size)
+            if out:  # the first audio is out: the rest is not urgent
+                self._priority = None
         for piece in pieces:
             deliver(piece)
 
