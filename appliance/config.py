@@ -87,6 +87,7 @@ class ModelsConfig(_Section):
     stt_interim_manual: float = Field(0.5, ge=0.0, le=10.0)  # manual turns (push-to-talk)
     stt_window: Literal["fit", "full"] = "fit"
     llm_threads: int = Field(0, ge=0, le=64)
+    llm_first_threads: int = Field(0, ge=0, le=64)  # a reply's first words; 0: as llm_threads
     llm_requantize: Literal["", "q4_0", "q8_0"] = ""
     stt_preflight: float = Field(0.02, ge=0.0, le=2.0)  # the first quiet VAD window (32 ms)
     tts_chunks: Literal["clause", "sentence"] = "clause"

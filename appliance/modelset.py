@@ -95,6 +95,7 @@ class ModelSet:
             n_ctx=cfg.llm_context,
             threads=cfg.llm_threads or cfg.threads,
             gpu_layers=cfg.llm_gpu_layers,
+            first_threads=cfg.llm_first_threads,
         )
         timed("llm", t)
         t = time.perf_counter()

@@ -486,6 +486,46 @@ def test_whisper_in_a_fitted_window_and_in_the_full_one(
     assert transcribe(models.whisper, silence, "en", window=window)[0] == ""
 
 
+def test_a_replys_first_words_are_generated_on_more_threads(
+    models: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`[models] llm_first_threads` (2 in the x86-dev profile): the tokens of a reply's first
+    three words, Piper's first chunk, which the listener waits for, are evaluated on two
+    threads; the tokens after them, and every prompt, on one."""
+    import llama_cpp
+
+    local = models.llama
+    assert (local.first_threads, local.threads) == (2, 1)
+    llama = local.llama
+    evals: list[tuple[list[int], int, int]] = []
+    evaluate = llama.eval
+
+    def recording(tokens: list[int]) -> None:
+        threads = llama_cpp.llama_n_threads(llama.ctx), llama_cpp.llama_n_threads_batch(llama.ctx)
+        evals.append((list(tokens), *threads))
+        evaluate(tokens)
+
+    monkeypatch.setattr(llama, "eval", recording)
+    engine = LlamaLLM(local, models.llm_executor, model_name="smollm2", max_tokens=16)
+    ctx = llm.ChatContext.empty()
+    ctx.add_message(role="user", content="Count from one to ten in words, please.")
+    text, _usage = _chat(engine, ctx)
+    prompt, *generated = evals
+    assert len(prompt[0]) > 1 and all(len(tokens) == 1 for tokens, _, _ in generated)
+    assert all(batch == 1 for _, _, batch in evals)
+    assert len(text.split()) > 4 and len(generated) >= 8
+    # the k-th token is evaluated (for the next one's logits) once the reply's text is
+    # its first k tokens: two threads while those are three words or fewer
+    ids = [tokens[0] for tokens, _, _ in generated]
+    expected = [
+        2 if len(llama.detokenize(ids[: k + 1]).decode().split()) <= 3 else 1
+        for k in range(len(ids))
+    ]
+    assert [threads for _, threads, _ in generated] == expected
+    assert 2 in expected and 1 in expected
+    assert llama_cpp.llama_n_threads(llama.ctx) == 1  # and one thread again after the reply
+
+
 def test_the_llm_waits_between_tokens_while_a_first_audio_renders(models: Any) -> None:
     """While a job runs `urgent()` (Piper on a reply's first chunk) the LLM gives no
     further token; when it ends, the reply goes on."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 from livekit.agents import llm, utils
 from livekit.agents.llm import ChatChunk, ChoiceDelta, CompletionUsage, FunctionToolCall
 from livekit.agents.types import (
@@ -100,8 +101,21 @@ class LocalLlama:
     concurrent sessions queue rather than fight over the model and its KV cache.
     """
 
-    def __init__(self, model_path: str, *, n_ctx: int, threads: int, gpu_layers: int = 0) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        n_ctx: int,
+        threads: int,
+        gpu_layers: int = 0,
+        first_threads: int = 0,
+    ) -> None:
+        """`first_threads` (0: as `threads`) generate a reply's first words: the listener
+        waits for them, and on a small CPU nothing else runs then (the turn model has run
+        in the pause, Piper waits for the words)."""
         self.model_path = model_path
+        self.threads = threads
+        self.first_threads = first_threads or threads
         self.llama = Llama(
             model_path=model_path,
             n_ctx=n_ctx,
@@ -133,6 +147,13 @@ class LocalLlama:
         """Evaluate a tiny prompt so the first real request pays no first-call costs."""
         for _ in self.llama.create_completion("Hi", max_tokens=1, stream=False):
             pass
+
+    def generation_threads(self, threads: int) -> None:
+        """Threads for the tokens generated from now on (worker thread). Prompts keep
+        `threads`: two made push-to-talk no faster (bench/README.md, stop 20)."""
+        if self.llama.n_threads != threads:
+            self.llama.n_threads = threads
+            llama_cpp.llama_set_n_threads(self.llama.ctx, threads, self.threads)
 
     def prefill(self, tokens: list[int]) -> int:
         """Evaluate `tokens` into the KV cache (worker thread) so that a request for exactly
@@ -456,14 +477,21 @@ class LlamaStream(llm.LLMStream):
             grammar=request.grammar,
             stream=True,
         )
+        first_words = len(text.split()) <= SPECULATE  # Piper's first chunk is still to come
+        if first_words:
+            local.generation_threads(local.first_threads)
         try:
             for chunk in stream:
                 if self._cancel.is_set():
                     break
                 take(chunk["choices"][0]["text"], 1)
+                if first_words and len(text.split()) > SPECULATE:  # the first chunk is out
+                    first_words = False
+                    local.generation_threads(local.threads)
                 if priority is not None:
                     priority.wait_turn()  # before the next token: a first audio may render
         finally:
+            local.generation_threads(local.threads)
             close = getattr(stream, "close", None)
             if close is not None:
                 close()
