@@ -49,7 +49,7 @@ _TOOL_PROMPT = (
 )
 
 
-SPECULATE = 3  # words of a reply sampled at prefill time (Piper's first chunk is three)
+SPECULATE = 3  # a reply's first words (Piper's first chunk): sampled at prefill, on first_threads
 
 # llama.cpp file types a model may be requantized to ([models] llm_requantize)
 REQUANTIZE_TYPES = {"q4_0": 2, "q8_0": 7}  # LLAMA_FTYPE_MOSTLY_*
