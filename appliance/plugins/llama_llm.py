@@ -89,8 +89,8 @@ def requantized(source: Path, source_sha256: str, target: str, cache: Path) -> P
         return source
 
 
-# An `upto_user` prefill keeps the cached tokens of any other prompt that differs from its
-# own by more than this (a reply cut short by the user differs by its unspoken end).
+# A `keep_others` prefill does nothing where it would drop more than this many cached
+# tokens (another prompt); a few may go (a reply cut short differs by its unspoken end).
 _PREFILL_MAY_DROP = 4
 
 
