@@ -78,7 +78,7 @@ def test_spoken_question_gets_a_spoken_reply(models: Any, speak: Any) -> None:
     result = asyncio.run(converse(models, cfg(), speak(QUESTION)))
     user = [i["text"] for i in result.items if i["role"] == "user"]
     assistant = [i["text"] for i in result.items if i["role"] == "assistant"]
-    assert user and {"capital", "france"} <= words(user[0]), result.items
+    assert user and transcribed_as(QUESTION, user[0]), result.items
     assert assistant and assistant[0].strip(), result.items
 
     heard = transcribe_back(models, result.reply_pcm, result.reply_rate)
@@ -209,7 +209,7 @@ def test_the_greeting_is_rendered_once_and_played_from_memory(
 
     for n in range(3):  # three calls: the first renders it, the others play it
         said, heard = asyncio.run(call())
-        assert said == [greeting] and {"front", "desk"} <= words(heard), (said, heard)
+        assert said == [greeting] and transcribed_as(greeting, heard), (said, heard)
         assert phonemized == [greeting], (n, phonemized)
 
 
