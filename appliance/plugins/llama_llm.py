@@ -49,7 +49,9 @@ _TOOL_PROMPT = (
 )
 
 
-SPECULATE = 3  # a reply's first words (Piper's first chunk): sampled at prefill, on first_threads
+# a reply's first words (Piper's first chunk): sampled ahead at prefill time (on `threads`:
+# the user may still be speaking), or generated in the reply on `first_threads`
+SPECULATE = 3
 
 # llama.cpp file types a model may be requantized to ([models] llm_requantize)
 REQUANTIZE_TYPES = {"q4_0": 2, "q8_0": 7}  # LLAMA_FTYPE_MOSTLY_*
