@@ -47,7 +47,7 @@ def words(text: str) -> set[str]:
 
 def transcribe_back(models: Any, pcm: np.ndarray, rate: int) -> str:
     audio = resample(pcm, rate, 16000).astype(np.float32) / 32768.0
-    return transcribe(models.whisper, audio, "en")[0]
+    return transcribe(models.whisper, audio, "en", window="full")[0]  # the best ear
 
 
 async def wait_for(predicate: Any, timeout: float = 30.0) -> None:
