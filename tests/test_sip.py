@@ -688,11 +688,13 @@ def test_a_baresip_phone_talks_both_ways_and_sends_dtmf(
         for part in utterances(resample(pcm, rate, 16000))
     )
     replies = [t for r, t in out["items"] if r == "assistant"]
-    # the greeting's and the answer's words, but for one in three (Whisper on the phone's
-    # 8 kHz audio has heard "Hello" as "below" and "France is" as "Francis")
+    # the greeting's and the answer's words, at least half of them: Whisper tiny.en on the
+    # phone's 8 kHz audio has heard "Hello" as "below", and mishears the LLM's names:
+    # "France is Paris" as "Francis parrot", "Le Grand Paris" as "grandparent", "Le Jura"
+    # as "what's yours"; in 30 calls 3 kept under two thirds of the words, none under 0.57
     said = re.findall(r"[a-z0-9']+", " ".join(replies[:2]).lower())
     got = set(re.findall(r"[a-z0-9']+", heard))
-    assert sum(word in got for word in said) >= 2 / 3 * len(said), (replies[:2], heard)
+    assert sum(word in got for word in said) >= len(said) / 2, (replies[:2], heard)
 
 
 def test_a_caller_off_the_allow_list_needs_credentials(models: Any, tmp_path: Path) -> None:
