@@ -97,6 +97,13 @@ def test_spoken_question_gets_a_spoken_reply(models: Any, speak: Any) -> None:
     assert ev.of("session_usage_updated"), "no usage/metrics event"
 
 
+def test_a_one_word_answer_is_one_word_in_the_history(models: Any, speak: Any) -> None:
+    """Whisper's fitted window heard a spoken "No." as "No... No... No... ..."."""
+    result = asyncio.run(converse(models, cfg(), speak("No.")))
+    user = [i["text"] for i in result.items if i["role"] == "user"]
+    assert len(user) == 1 and transcribed_as("No.", user[0]), result.items
+
+
 @pytest.mark.parametrize(
     ("mode", "turn_model"),
     [

@@ -486,6 +486,20 @@ def test_whisper_in_a_fitted_window_and_in_the_full_one(
     assert transcribe(models.whisper, silence, "en", window=window)[0] == ""
 
 
+@pytest.mark.parametrize("answer", ["Yes.", "No.", "Thank you.", "Goodbye."])
+def test_a_short_answer_is_heard_once_in_the_fitted_window(
+    models: Any, speak: Any, answer: str
+) -> None:
+    """tiny.en in a fitted window heard these (with the half second of silence the VAD
+    leaves after them) as "Yes? Yes? Yes? ...": such a loop is transcribed again in the
+    full window."""
+    from appliance.plugins.whisper_stt import _loops, transcribe
+
+    speech = np.concatenate([speak(answer), np.zeros(8000, np.int16)]).astype(np.float32)
+    text, _confidence = transcribe(models.whisper, speech / 32768, "en")
+    assert transcribed_as(answer, text) and not _loops(text), text
+
+
 def test_a_replys_first_words_are_generated_on_more_threads(
     models: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

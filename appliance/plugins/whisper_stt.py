@@ -16,6 +16,7 @@ import asyncio
 import collections
 import functools
 import logging
+import re
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -62,10 +63,14 @@ def transcribe(
     `window` "fit": the encoder sees the utterance plus 1 s, not Whisper's fixed 30 s
     window (CTranslate2 accepts the shorter input): about 10x less encoder work for a
     3 s question; "full": the 30 s window, as faster-whisper runs it. Audio over 29 s
-    always uses full windows.
+    always uses full windows, and so does an utterance whose fitted transcript loops
+    (`_loops`: tiny.en hears a short "Yes." as "Yes? Yes? Yes? Yes? ...").
     """
     if window == "fit" and len(audio) < (_FULL_FRAMES - _FIT_MARGIN_FRAMES) * _HOP:
-        return _transcribe_fitted(model, audio, language)
+        text, confidence = _transcribe_fitted(model, audio, language)
+        if not _loops(text):
+            return text, confidence
+        logger.debug("fitted window looped (%r): transcribing in the full one", text)
     segments, _info = model.transcribe(
         audio,
         language=language,
@@ -90,6 +95,24 @@ def transcribe(
 _HOP = 160  # samples per log-mel frame
 _FULL_FRAMES = 3000  # Whisper's 30 s window
 _FIT_MARGIN_FRAMES = 100  # 1 s of silence after the utterance
+
+
+def _loops(text: str) -> bool:
+    """Whether a transcript repeats itself: a phrase of one or two words three times in a
+    row, or a longer one twice. Whisper in a fitted window does this after short words
+    and after long trailing silence; a person rarely does, and then the full window
+    only costs time."""
+    words = _WORD_RE.findall(text.lower())
+    for n in range(1, len(words) // 2 + 1):
+        times = 3 if n < 3 else 2
+        for i in range(len(words) - n * times + 1):
+            phrase = words[i : i + n]
+            if all(words[i + k * n : i + (k + 1) * n] == phrase for k in range(1, times)):
+                return True
+    return False
+
+
+_WORD_RE = re.compile(r"[a-z0-9']+")
 
 
 def _is_noise(no_speech_prob: float, avg_logprob: float) -> bool:
