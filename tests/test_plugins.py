@@ -43,9 +43,9 @@ def count_transcriptions(
     """Count the engine's Whisper calls: `calls` gets each call's number of samples."""
     counted = engine.transcribe_pcm
 
-    async def transcribe_pcm(pcm: np.ndarray) -> stt.SpeechData:
+    async def transcribe_pcm(pcm: np.ndarray, *, interim: bool = False) -> stt.SpeechData:
         calls.append(len(pcm))
-        return await counted(pcm)
+        return await counted(pcm, interim=interim)
 
     monkeypatch.setattr(engine, "transcribe_pcm", transcribe_pcm)
 
@@ -498,6 +498,16 @@ def test_a_short_answer_is_heard_once_in_the_fitted_window(
     speech = np.concatenate([speak(answer), np.zeros(8000, np.int16)]).astype(np.float32)
     text, _confidence = transcribe(models.whisper, speech / 32768, "en")
     assert transcribed_as(answer, text) and not _loops(text), text
+
+
+def test_an_interim_that_loops_gives_no_words(models: Any, speak: Any) -> None:
+    """Interims are not redone in the full window (that would delay the final): a looping
+    one is dropped. This "No." loops in the fitted window (the test above fails without
+    the redo)."""
+    from appliance.plugins.whisper_stt import transcribe
+
+    speech = np.concatenate([speak("No."), np.zeros(8000, np.int16)]).astype(np.float32)
+    assert transcribe(models.whisper, speech / 32768, "en", redo_loops=False) == ("", 0.0)
 
 
 def test_a_replys_first_words_are_generated_on_more_threads(

@@ -56,7 +56,12 @@ def load_model(model_dir: str, *, threads: int) -> WhisperModel:
 
 
 def transcribe(
-    model: WhisperModel, audio: np.ndarray, language: str, *, window: str = "fit"
+    model: WhisperModel,
+    audio: np.ndarray,
+    language: str,
+    *,
+    window: str = "fit",
+    redo_loops: bool = True,
 ) -> tuple[str, float]:
     """Blocking greedy transcription of float32 16 kHz audio; returns (text, confidence).
 
@@ -64,12 +69,15 @@ def transcribe(
     window (CTranslate2 accepts the shorter input): about 10x less encoder work for a
     3 s question; "full": the 30 s window, as faster-whisper runs it. Audio over 29 s
     always uses full windows, and so does an utterance whose fitted transcript loops
-    (`_loops`: tiny.en hears a short "Yes." as "Yes? Yes? Yes? Yes? ...").
+    (`_loops`: tiny.en hears a short "Yes." as "Yes? Yes? Yes? Yes? ..."), unless
+    ``redo_loops`` is False (interim transcripts): then a loop gives no words.
     """
     if window == "fit" and len(audio) < (_FULL_FRAMES - _FIT_MARGIN_FRAMES) * _HOP:
         text, confidence = _transcribe_fitted(model, audio, language)
         if not _loops(text):
             return text, confidence
+        if not redo_loops:
+            return "", 0.0
         logger.debug("fitted window looped (%r): transcribing in the full one", text)
     segments, _info = model.transcribe(
         audio,
@@ -199,14 +207,20 @@ class WhisperSTT(stt.STT):
     def interim_interval(self, seconds: float) -> None:
         self._interim_interval = seconds
 
-    async def transcribe_pcm(self, pcm: np.ndarray) -> stt.SpeechData:
-        """Transcribe int16 16 kHz mono samples off the event loop."""
+    async def transcribe_pcm(self, pcm: np.ndarray, *, interim: bool = False) -> stt.SpeechData:
+        """Transcribe int16 16 kHz mono samples off the event loop. An ``interim``
+        transcript that loops is empty (no full-window redo to delay the final)."""
         audio = pcm.astype(np.float32) / 32768.0
         loop = asyncio.get_running_loop()
         text, confidence = await loop.run_in_executor(
             self._executor,
             functools.partial(
-                transcribe, self._whisper, audio, self._language, window=self._window
+                transcribe,
+                self._whisper,
+                audio,
+                self._language,
+                window=self._window,
+                redo_loops=not interim,
             ),
         )
         return stt.SpeechData(
@@ -359,7 +373,7 @@ class WhisperStream(stt.RecognizeStream):
                 data = job.reuse.data
             else:
                 data = (
-                    await self._owner.transcribe_pcm(job.pcm)
+                    await self._owner.transcribe_pcm(job.pcm, interim=job.kind == "interim")
                     if len(job.pcm) >= _MIN_SECONDS * SAMPLE_RATE
                     else stt.SpeechData(language=LanguageCode(self._owner._language), text="")
                 )
