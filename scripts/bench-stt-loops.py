@@ -1,29 +1,66 @@
-"""Whisper fitted window vs short answers: how often transcripts loop, and what the full-window redo costs.
+"""Whisper's fitted window and short answers: how often transcripts loop, and what the
+full-window redo costs, against the fitted window alone and the full window alone.
 
 Run: .venv/bin/python scripts/bench-stt-loops.py 10 > bench/stt-loops.txt
 """
-import sys, time, collections, statistics, warnings
-warnings.filterwarnings("ignore")
+
+import collections
+import statistics
+import sys
+import time
+import warnings
+
 import numpy as np
+
 from appliance import config as config_mod
-from appliance.modelset import ModelSet
-from appliance.fileaudio import resample
-from appliance.plugins import whisper_stt as W
 from appliance.bench import QUESTIONS
-m = ModelSet(config_mod.parse({}, "<x>")); m.warm(); v = m.voice
-N = int(sys.argv[1])
-def run(texts, tail):
-    ms = collections.defaultdict(list); loops = collections.Counter(); wrong = collections.Counter()
-    for i in range(N):
+from appliance.fileaudio import resample
+from appliance.modelset import ModelSet
+from appliance.plugins import whisper_stt
+
+warnings.filterwarnings("ignore")
+BEFORE = 9600  # the 0.6 s of audio the STT keeps before speech starts
+
+
+def run(models: ModelSet, texts: list[str], after: int, renderings: int) -> None:
+    """Print each variant's median and p95 time and its count of looping transcripts."""
+    whisper, voice = models.whisper, models.voice
+    variants = {
+        "fit only (before)": lambda a: whisper_stt._transcribe_fitted(whisper, a, "en"),
+        "fit, loop -> full (now)": lambda a: whisper_stt.transcribe(whisper, a, "en"),
+        "full": lambda a: whisper_stt.transcribe(whisper, a, "en", window="full"),
+    }
+    ms: dict[str, list[float]] = collections.defaultdict(list)
+    loops: collections.Counter[str] = collections.Counter()
+    for _ in range(renderings):
         for text in texts:
-            pcm = resample(v.synthesize(text), v.sample_rate, 16000)
-            a = np.concatenate([np.zeros(9600, np.int16), pcm, np.zeros(tail, np.int16)]).astype(np.float32) / 32768
-            for label, fn in (("fit only (before)", lambda: W._transcribe_fitted(m.whisper, a, "en")), ("fit, loop -> full (now)", lambda: W.transcribe(m.whisper, a, "en")), ("full", lambda: W.transcribe(m.whisper, a, "en", window="full"))):
-                t0 = time.perf_counter(); t = fn()[0]; ms[label].append(1000 * (time.perf_counter() - t0))
-                loops[label] += W._loops(t)
-    for k in ms:
-        xs = sorted(ms[k]); print(f"  {k}: median {statistics.median(xs):.0f} ms, p95 {xs[int(0.95 * (len(xs) - 1))]:.0f} ms, looping transcripts {loops[k]}/{len(xs)}", flush=True)
-print("short answers (Yes. No. Thank you. Goodbye. Hello.), 0.6 s before, 0.5 s after:")
-run(["Yes.", "No.", "Thank you.", "Goodbye.", "Hello."], 8000)
-print("the 12 bench questions, 0.6 s before, 0.2 s after:")
-run(list(QUESTIONS), 3200)
+            pcm = resample(voice.synthesize(text), voice.sample_rate, 16000)
+            pcm = np.concatenate([np.zeros(BEFORE, np.int16), pcm, np.zeros(after, np.int16)])
+            audio = pcm.astype(np.float32) / 32768
+            for label, transcribe in variants.items():
+                start = time.perf_counter()
+                heard = transcribe(audio)[0]
+                ms[label].append(1000 * (time.perf_counter() - start))
+                loops[label] += whisper_stt._loops(heard)
+    for label, times in ms.items():
+        times.sort()
+        print(
+            f"  {label}: median {statistics.median(times):.0f} ms, "
+            f"p95 {times[int(0.95 * (len(times) - 1))]:.0f} ms, "
+            f"looping transcripts {loops[label]}/{len(times)}",
+            flush=True,
+        )
+
+
+def main() -> None:
+    renderings = int(sys.argv[1])
+    models = ModelSet(config_mod.parse({}, "<bench-stt-loops>"))
+    models.warm()
+    print("short answers (Yes. No. Thank you. Goodbye. Hello.), 0.6 s before, 0.5 s after:")
+    run(models, ["Yes.", "No.", "Thank you.", "Goodbye.", "Hello."], 8000, renderings)
+    print("the 12 bench questions, 0.6 s before, 0.2 s after:")
+    run(models, list(QUESTIONS), 3200, renderings)
+
+
+if __name__ == "__main__":
+    main()

@@ -105,6 +105,9 @@ _FULL_FRAMES = 3000  # Whisper's 30 s window
 _FIT_MARGIN_FRAMES = 100  # 1 s of silence after the utterance
 
 
+_WORD_RE = re.compile(r"[a-z0-9']+")
+
+
 def _loops(text: str) -> bool:
     """Whether a transcript repeats itself: a phrase of one or two words three times in a
     row, or a longer one twice. Whisper in a fitted window does this after short words
@@ -118,9 +121,6 @@ def _loops(text: str) -> bool:
             if all(words[i + k * n : i + (k + 1) * n] == phrase for k in range(1, times)):
                 return True
     return False
-
-
-_WORD_RE = re.compile(r"[a-z0-9']+")
 
 
 def _is_noise(no_speech_prob: float, avg_logprob: float) -> bool:
