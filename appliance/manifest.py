@@ -3,8 +3,9 @@
 The bundled manifest is `models/manifest.toml` (shipped in the package as
 `appliance/data/manifest.toml`); an operator can add models and profiles with an extra
 manifest file (`[models] manifest` in the config). Each downloadable model names its
-files, where they come from at a pinned revision, their sizes and sha256, its licence,
-and whether the digests were checked by downloading them (`digest = "verified"`) or not.
+files, where they come from at a pinned revision (a file may be split over several
+packages: its `parts`), their sizes and sha256, its licence, and whether the digests
+were checked by downloading them (`digest = "verified"`) or not.
 """
 
 from __future__ import annotations
@@ -54,16 +55,34 @@ class Archive(_Strict):
         return self.url.rsplit("/", 1)[-1]
 
 
+class FilePart(_Strict):
+    """One piece of a file split over several packages: `path` inside its own `archive`."""
+
+    archive: Archive
+    path: str = Field(min_length=1)
+    size: int = Field(gt=0)
+    sha256: str = ""
+
+    _sha = field_validator("sha256")(_check_sha256)
+
+
 class ModelFile(_Strict):
-    """One file in the model's directory: from the archive (`path`) or its own `url`."""
+    """One file in the model's directory: from the archive (`path`), its own `url`, or
+    joined in order from `parts` (its sha256 and size are those of the joined file)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
     size: int = Field(gt=0)
     sha256: str = ""
     path: str = ""
     url: str = ""
+    parts: tuple[FilePart, ...] = ()
 
     _sha = field_validator("sha256")(_check_sha256)
+
+    @property
+    def source_url(self) -> str:
+        """Where the file comes from, for records: its URL or its first part's archive."""
+        return self.url or (self.parts[0].archive.url if self.parts else "")
 
 
 class ModelEntry(_Strict):
@@ -113,12 +132,25 @@ class ModelEntry(_Strict):
         if not self.dir or not self.files:
             raise ValueError("a downloadable model needs `dir` and `files`")
         for f in self.files:
-            if bool(f.path) == bool(f.url):
-                raise ValueError(f"file {f.name}: give exactly one of `path` (in archive) or `url`")
+            if sum(map(bool, (f.path, f.url, f.parts))) != 1:
+                raise ValueError(
+                    f"file {f.name}: give exactly one of `path` (in archive), `url` or `parts`"
+                )
             if f.path and self.archive is None:
                 raise ValueError(f"file {f.name}: `path` needs an `archive`")
             if self.digest == "verified" and not f.sha256:
                 raise ValueError(f"file {f.name}: digest = 'verified' needs its sha256")
+            if f.parts:
+                if sum(p.size for p in f.parts) != f.size:
+                    raise ValueError(
+                        f"file {f.name}: its parts' sizes add up to "
+                        f"{sum(p.size for p in f.parts)}, not its size {f.size}"
+                    )
+                for n, p in enumerate(f.parts, 1):
+                    if self.digest == "verified" and not p.sha256:
+                        raise ValueError(
+                            f"file {f.name}: part {n}: digest = 'verified' needs its sha256"
+                        )
         return self
 
 

