@@ -388,10 +388,12 @@ def cmd_dial(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import report, run_checks
+    from .doctor import check_cpu, check_native, report, run_checks
 
     config = _load_config(args.config)
-    checks = run_checks(config, store.models_dir(config.models.dir))
+    root = store.models_dir(config.models.dir)
+    native = args.native
+    checks = [check_cpu(), *check_native(config, root)] if native else run_checks(config, root)
     print(report(checks, args.json))
     return 1 if any(c.status == "fail" for c in checks) else 0
 
@@ -420,6 +422,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     return run_bench(args, _load_config(args.config))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import run_eval
+
+    return run_eval(args, _load_config(args.config))
 
 
 def cmd_bench_audio(args: argparse.Namespace) -> int:
@@ -545,6 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="check the installation and say how to fix problems")
     p.add_argument("--config", default=None, help="config file (default: embedded)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--native",
+        action="store_true",
+        help="only the CPU and the native libraries' self-tests (what the installers run)",
+    )
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("bench", help="voice-to-voice latency benchmark")
@@ -553,6 +566,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--utterances", type=int, default=10)
     p.add_argument("--chart", default=None, help="also write a per-stage chart (PNG)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="conversation quality on a spoken corpus (bench/eval)")
+    p.add_argument("--json", dest="json_out", default="bench/eval-results.json")
+    p.add_argument("--config", default=None)
+    p.add_argument("--corpus", default="bench/eval/corpus.json")
+    p.add_argument("--set", choices=("eval", "tune", "all"), default="eval")
+    p.add_argument("--configs", default="appliance,stock", help="appliance and/or stock")
+    p.add_argument("--limit", type=int, default=0, help="only the first N items")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench-audio", help="USB audio bridge figures: echo, CPU, latency")
     p.add_argument("--json", dest="json_out", default="bench/usbaudio.json")

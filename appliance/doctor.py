@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-import re
 import shutil
 import socket
 import subprocess
@@ -23,7 +22,11 @@ import psutil
 from . import models as store
 from .config import Config
 from .manifest import load as load_manifest
+from .native import selftest
+from .native.build import cpu_flags
+from .native.selftest import llama_features, llama_fix
 
+SELFTEST_TIMEOUT = 60.0
 # llama.cpp build feature -> the /proc/cpuinfo flag the CPU needs for it
 CPU_FLAGS = {
     "SSE3": "pni",
@@ -37,16 +40,11 @@ CPU_FLAGS = {
     "AVX512_VBMI": "avx512vbmi",
     "AVX512_VNNI": "avx512_vnni",
     "AVX512_BF16": "avx512_bf16",
-    "AMX_INT8": "amx_int8",
     "NEON": "asimd",
     "DOTPROD": "asimddp",
     "SVE": "sve",
     "MATMUL_INT8": "i8mm",
 }
-REBUILD_LLAMA = (
-    "rebuild llama.cpp on this board: pip install --no-cache-dir --force-reinstall "
-    "llama-cpp-python==0.3.36 (in the appliance's virtual environment)"
-)
 MIN_FREE_DISK = 500 * 2**20
 RUNTIME_OVERHEAD = 600 * 2**20  # Python, livekit, onnxruntime, buffers: measured ~570 MB
 
@@ -90,30 +88,18 @@ def check_packages() -> Check:
     return Check("packages", "ok", f"all {checked} pinned packages at their pinned versions")
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags.update(value.split())
-    return flags
-
-
 def check_cpu(flags: set[str] | None = None, system_info: str | None = None) -> Check:
-    """The CPU has every instruction set the llama.cpp build was compiled for."""
+    """The CPU has every instruction set the llama.cpp build was compiled for, and the
+    build leaves out the kernels that crash (AMX)."""
     if system_info is None:
         try:
             import llama_cpp
 
             system_info = llama_cpp.llama_print_system_info().decode()
         except Exception as exc:
-            return Check("cpu", "fail", f"llama.cpp does not load: {exc}", REBUILD_LLAMA)
+            return Check("cpu", "fail", f"llama.cpp does not load: {exc}", llama_fix())
     flags = cpu_flags() if flags is None else flags
-    built = re.findall(r"([A-Z0-9_]+) = 1", system_info)
+    built = llama_features(system_info)
     missing = [f for f in built if f in CPU_FLAGS and CPU_FLAGS[f] not in flags]
     cores = os.cpu_count() or 0
     if missing:
@@ -122,10 +108,59 @@ def check_cpu(flags: set[str] | None = None, system_info: str | None = None) -> 
             "fail",
             f"llama.cpp was built for {', '.join(missing)}, which this CPU lacks: "
             "it will stop with 'illegal instruction' (a build copied from another machine?)",
-            REBUILD_LLAMA,
+            llama_fix(),
+        )
+    if any(f.startswith("AMX") for f in built):
+        return Check(
+            "cpu",
+            "fail",
+            "llama.cpp was built with AMX, whose kernels crash on prompts (segfault in "
+            "ggml_backend_amx_mul_mat)",
+            llama_fix(),
         )
     used = ", ".join(f for f in built if f in CPU_FLAGS) or "no SIMD"
     return Check("cpu", "ok", f"{cores} cores, {platform.machine()}; llama.cpp uses {used}")
+
+
+def check_native(config: Config, root: Path) -> list[Check]:
+    """A tiny real inference with each native library, each in a child process: a build
+    that crashes on this CPU is a finding with its fix, not a core dump."""
+    cfg = config.models
+    manifest = load_manifest(cfg.manifest)
+
+    def installed(model_id: str, suffix: str) -> Path | None:
+        entry = manifest.models.get(model_id)
+        if entry is None or not store.installed(entry, root):
+            return None
+        return store.file_path(entry, entry.file(suffix).name, root)
+
+    gguf = installed(cfg.llm, ".gguf")
+    whisper = installed(cfg.stt, "model.bin")
+    voice = installed(cfg.tts, ".onnx")
+    turn = installed(cfg.turn_model, ".onnx") if cfg.turn_model.startswith("smart-turn/") else None
+    pip = f"{Path(sys.executable).with_name('pip')} install --force-reinstall --no-cache-dir"
+    children = [
+        ("llama.cpp", [str(gguf)] if gguf else None, llama_fix()),
+        ("ctranslate2", [str(whisper.parent)] if whisper else None, f"{pip} ctranslate2"),
+        (
+            "onnxruntime",
+            [str(voice), *([str(turn)] if turn else [])] if voice else None,
+            f"{pip} onnxruntime=={importlib.metadata.version('onnxruntime')}",
+        ),
+    ]
+    pending = [
+        (name, selftest.start(name, *args, fix=fix) if args is not None else None)
+        for name, args, fix in children
+    ]
+    checks = []
+    for name, child in pending:
+        if child is None:
+            checks.append(Check(name, "warn", "self-test skipped: its model is not installed"))
+            continue
+        result = child.result(SELFTEST_TIMEOUT)
+        status = "ok" if result.ok else "fail"
+        checks.append(Check(name, status, f"self-test: {result.detail}", result.fix))
+    return checks
 
 
 def check_memory(config: Config) -> Check:
@@ -181,13 +216,22 @@ def check_models(config: Config, root: Path) -> Check:
 def check_audio(config: Config) -> list[Check]:
     if not config.audio.enabled:
         return [Check("audio", "ok", "USB kiosk not enabled ([audio] enabled = false)")]
+    # PortAudio can abort the process while it lists devices on some ALSA set-ups: list
+    # them in a child first, and here only if the child lived
+    probe = selftest.start(
+        "portaudio",
+        fix="check /etc/asound.conf and ~/.asoundrc (firmware/alsa/asound.conf is known to work); "
+        "run `aplay -L`",
+    ).result(SELFTEST_TIMEOUT)
+    if not probe.ok:
+        return [Check("portaudio", "fail", f"device listing: {probe.detail}", probe.fix)]
     from .usbaudio import AudioDeviceError, find_device, list_devices
 
     try:
         devices = list_devices()
     except AudioDeviceError as exc:
         return [Check("audio", "fail", str(exc), "apt-get install portaudio19-dev")]
-    checks = []
+    checks = [Check("portaudio", "ok", probe.detail)]
     for what, name, direction in (
         ("audio input", config.audio.input, "inputs"),
         ("audio output", config.audio.output, "outputs"),
@@ -305,6 +349,7 @@ def run_checks(config: Config, root: Path) -> list[Check]:
         check_python(),
         check_packages(),
         check_cpu(),
+        *check_native(config, root),
         check_memory(config),
         check_disk(root),
         check_models(config, root),

@@ -22,6 +22,7 @@ import numpy as np
 from . import models as store
 from .config import Config
 from .manifest import load as load_manifest
+from .native.selftest import LLAMA_TIMEOUT, start_llama
 from .plugins.priority import Priority
 
 if TYPE_CHECKING:
@@ -40,6 +41,10 @@ logger = logging.getLogger("appliance.models")
 # The hub libraries must never reach for the network on the appliance.
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
+
+
+class NativeBuildError(store.ModelError):
+    """A native library crashed or failed its self-test on this CPU."""
 
 
 @dataclass
@@ -83,13 +88,26 @@ class ModelSet:
             self.times.load_s[name] = round(time.perf_counter() - start, 3)
 
         t = time.perf_counter()
-        self.whisper = load_model(str(path(cfg.stt, "model.bin").parent), threads=cfg.threads)
-        timed("stt", t)
-        t = time.perf_counter()
         gguf = path(cfg.llm, ".gguf")
         if cfg.llm_requantize:
             digest = sha256(cfg.llm, ".gguf")
             gguf = requantized(gguf, digest, cfg.llm_requantize, store.cache_dir())
+        timed("llm_requantize", t)
+        # llama.cpp decodes in a child first (while Whisper loads here): a build that
+        # crashes on this CPU stops the start-up with its fix instead of killing a call
+        selftest = start_llama(gguf)
+        t = time.perf_counter()
+        self.whisper = load_model(str(path(cfg.stt, "model.bin").parent), threads=cfg.threads)
+        timed("stt", t)
+        t = time.perf_counter()
+        checked = selftest.result(LLAMA_TIMEOUT)
+        timed("llm_selftest", t)
+        if not checked.ok:
+            raise NativeBuildError(
+                f"llama.cpp self-test on {gguf.name}: {checked.detail}; {checked.fix}"
+            )
+        logger.info("llama.cpp self-test: %s (%.2f s)", checked.detail, checked.seconds)
+        t = time.perf_counter()
         self.llama = LocalLlama(
             str(gguf),
             n_ctx=cfg.llm_context,

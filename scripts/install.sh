@@ -143,6 +143,10 @@ step_code() {
     run "create virtual environment $VENV" python3 -m venv "$VENV"
     run "upgrade pip in $VENV" "$VENV/bin/pip" install -q --upgrade pip wheel
   fi
+  # llama.cpp for this CPU's instruction sets, never AMX (appliance/native/build.py)
+  run "build llama.cpp for this CPU into $VENV" \
+    env PYTHONPATH="$SRC" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+      python3 -m appliance.native.build --install "$VENV/bin/python"
   run "install the appliance and its pinned dependencies into $VENV" \
     env CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$VENV/bin/pip" install -q --upgrade "$SRC[ptt]"
   if is_raspberry_pi; then
@@ -201,6 +205,17 @@ step_models() {
   fi
   run "make $MODELS_DIR readable by the service" sh -c \
     "chgrp -R '$(gid_of "$USER_NAME")' '$MODELS_DIR' && chmod -R g+rX '$MODELS_DIR'"
+}
+
+step_selftest() {
+  # a tiny real inference with each native library, each in a child process: a build that
+  # crashes on this CPU stops the install here, with its fix, before the service starts
+  if ((DRY_RUN || !MODELS)) || [ -n "$ROOT" ]; then return; fi
+  if ! "$VENV/bin/appliance" doctor --native --config "$CONFIG"; then
+    echo "install.sh: a native library failed its self-test on this CPU (see above);" \
+      "the service was not started" >&2
+    exit 1
+  fi
 }
 
 step_system_files() {
@@ -283,6 +298,7 @@ else
   step_config "$PROFILE"
   step_state
   step_models "$PROFILE"
+  step_selftest
   step_system_files
   step_enable
 fi

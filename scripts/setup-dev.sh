@@ -30,14 +30,21 @@ fi
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip wheel
 fi
 # llama-cpp-python compiles llama.cpp with CMake: use every core (minutes saved on a Pi)
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+# llama.cpp is compiled with the instruction sets this CPU has, named one by one, never
+# AMX (its kernels crash) and never -march=native (appliance/native/build.py, README
+# "Native code"); again whenever that list changes; the wheel is cached per list
+"$PYTHON" -m appliance.native.build --install .venv/bin/python
 stamp=.venv/.installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/pip install -q --upgrade pip wheel
   .venv/bin/pip install -q -e ".[dev]"  # dev includes the [ptt] extra
   touch "$stamp"
 fi
 # the x86-dev profile (embedded defaults) and smart-turn, which the tests also use
 .venv/bin/appliance models fetch --profile x86-dev smart-turn/v3.2
+# a tiny real inference with each native library, each in a child process: a build that
+# crashes on this CPU is reported here with its fix, not in the first conversation
+.venv/bin/appliance doctor --native

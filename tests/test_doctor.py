@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from appliance.audiosim import file_pcms
-from appliance.doctor import REBUILD_LLAMA, check_cpu
+from appliance.doctor import check_cpu
+from appliance.native.selftest import llama_fix
 
 
 def doctor(tmp_path: Path, config: str, env: dict[str, str]) -> tuple[int, dict[str, dict]]:
@@ -58,8 +59,10 @@ def test_a_llama_build_for_another_cpu_is_caught() -> None:
     built = "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | AVX512 = 1 | FMA = 1 | OPENMP = 1 | "
     without_avx512 = {"pni", "avx", "avx2", "fma"}
     check = check_cpu(without_avx512, built)
-    assert check.status == "fail" and "AVX512" in check.detail and check.fix == REBUILD_LLAMA
+    assert check.status == "fail" and "AVX512" in check.detail and check.fix == llama_fix()
     assert check_cpu(without_avx512 | {"avx512f"}, built).status == "ok"
+    amx = check_cpu({"pni", "avx2", "amx_int8"}, "CPU : SSE3 = 1 | AVX2 = 1 | AMX_INT8 = 1 | ")
+    assert amx.status == "fail" and "AMX" in amx.detail and "GGML_NATIVE=OFF" in amx.fix
     arm = "CPU : NEON = 1 | ARM_FMA = 1 | DOTPROD = 1 | MATMUL_INT8 = 1 | "
     pi5 = {"fp", "asimd", "asimddp", "asimdrdm"}  # Cortex-A76: no i8mm
     assert "MATMUL_INT8" in check_cpu(pi5, arm).detail
