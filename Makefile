@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench bench-audio bench-ptt bench-barge-in bench-sip clean
+.PHONY: install demo test lint bench eval bench-audio bench-ptt bench-barge-in bench-sip clean
 
 install:
 	bash scripts/setup-dev.sh
@@ -20,6 +20,9 @@ test: lint
 
 bench: install
 	$(BIN)/appliance bench --json bench/results.json --chart bench/latency.png
+
+eval: install
+	$(BIN)/appliance eval --json bench/eval-results.json
 
 bench-audio: install
 	$(BIN)/appliance bench-audio --json bench/usbaudio.json

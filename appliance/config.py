@@ -59,6 +59,12 @@ class SessionConfig(_Section):
     max_endpointing_delay: float = Field(3.0, ge=0.0, le=30.0)
     preemptive_generation: bool = True
     turn_detection: Literal["model", "vad", "stt", "manual"] = "model"
+    # the words as well as the audio decide the end of a turn (smart-turn only): the LLM's
+    # probability that the user's turn ends after what was said overrules the audio model
+    # where it is clear either way (plugins/turn_text.py)
+    text_turn_detection: bool = False
+    text_unfinished_below: float = Field(0.05, ge=0.0, le=1.0)
+    text_finished_above: float = Field(0.5, ge=0.0, le=1.0)
     userdata: dict[str, Any] = Field(default_factory=dict)
     user_away_timeout: float | None = Field(15.0, ge=0.0)
 

@@ -88,6 +88,12 @@ class WavAudioInput(io.AudioInput):
         """Begin playing the file now (before that, the microphone hears silence)."""
         self.start_at = self._clock.now()
 
+    def play(self, pcm: np.ndarray) -> None:
+        """Play other audio from now on (a dialogue's next turn)."""
+        self._pcm = pcm
+        self.finished.clear()
+        self.start()
+
     async def __anext__(self) -> rtc.AudioFrame:
         due = self._index * FRAME_MS / 1000
         delay = due - self._clock.now()

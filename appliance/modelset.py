@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from .plugins.llama_llm import LlamaLLM
     from .plugins.piper_tts import PiperTTS
     from .plugins.shared_vad import SharedVAD
+    from .plugins.smart_turn import WordsJudge
+    from .plugins.turn_text import TurnText
     from .plugins.whisper_stt import WhisperSTT
 
 logger = logging.getLogger("appliance.models")
@@ -163,7 +165,12 @@ class ModelSet:
         return inference.VAD(model="silero")
 
     def stt(
-        self, *, vad: vad_mod.VAD | None = None, window: str | None = None, segment: bool = True
+        self,
+        *,
+        vad: vad_mod.VAD | None = None,
+        window: str | None = None,
+        segment: bool = True,
+        turn_text: TurnText | None = None,
     ) -> WhisperSTT:
         """Whisper STT for one session, segmenting speech with `vad` (a `SharedVAD` that
         the session also runs, or a VAD of its own), or one segment per flush without it or
@@ -185,6 +192,7 @@ class ModelSet:
             window=window or self.config.models.stt_window,
             preflight_after=self.config.models.stt_preflight if vad is not None else 0.0,
             segment=segment,
+            turn_text=turn_text,
         )
 
     def llm(self, tool_choice: ToolChoice | None = None) -> LlamaLLM:
@@ -214,17 +222,24 @@ class ModelSet:
         )
 
     def turn_detector(
-        self, name: str | None = None, *, vad: SharedVAD | None = None
+        self,
+        name: str | None = None,
+        *,
+        vad: SharedVAD | None = None,
+        words: WordsJudge | None = None,
     ) -> _StreamingTurnDetector:
         """An end-of-turn model: `name`, or [models] turn_model. Given the session's `vad`,
-        smart-turn starts each prediction at the first dip of its probability after speech."""
+        smart-turn starts each prediction at the first dip of its probability after speech;
+        given `words`, the LLM's reading of the transcript may overrule it."""
         name = name or self.config.models.turn_model
         if name.startswith("smart-turn/"):
             from .plugins.smart_turn import SmartTurnDetector
 
             if self.smart_turn is None:
                 raise store.ModelError(f"{name} was not loaded by this model set")
-            return SmartTurnDetector(self.smart_turn, executor=self.turn_executor, vad=vad)
+            return SmartTurnDetector(
+                self.smart_turn, executor=self.turn_executor, vad=vad, words=words
+            )
         from livekit.agents import inference
 
         return inference.TurnDetector(version="v1-mini")

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from livekit.agents.voice import SpeechHandle
 
     from .plugins.llama_llm import LlamaLLM
+    from .plugins.smart_turn import WordsJudge
 
 logger = logging.getLogger("appliance.session")
 TurnMode = Literal["model", "vad", "stt", "manual"]
@@ -200,10 +201,11 @@ def build_session(
     cfg = config.session
     mode = config.turn_detection
     vad = SharedVAD(models.vad())  # one Silero stream for livekit, the STT and smart-turn
-    detector = models.turn_detector(vad=vad) if mode == "model" else None
     engine = models.llm(tool_choice(config.agent))
+    words = text_turn(cfg, engine, lambda: session) if mode == "model" else None
+    detector = models.turn_detector(vad=vad, words=words) if mode == "model" else None
     session: AgentSession = AgentSession(
-        stt=models.stt(vad=vad, segment=mode != "manual"),
+        stt=models.stt(vad=vad, segment=mode != "manual", turn_text=words.text if words else None),
         vad=vad,
         llm=engine,
         tts=models.tts(),
@@ -214,7 +216,32 @@ def build_session(
     )
     if mode == "manual" or config.models.stt_interim_interval > 0:
         prefill_from_transcripts(session, engine)
+    if words is not None:
+        turn_text = words.text
+
+        def added(ev: ConversationItemAddedEvent) -> None:
+            if getattr(ev.item, "role", None) == "user":
+                turn_text.committed()
+
+        session.on("conversation_item_added", added)
     return session
+
+
+def text_turn(
+    cfg: SessionConfig, engine: LlamaLLM, session: Callable[[], AgentSession]
+) -> WordsJudge | None:
+    """The words' part of the end-of-turn decision ([session] text_turn_detection): each
+    transcript of the turn judged by the LLM, in the prompt its reply would have."""
+    if not cfg.text_turn_detection:
+        return None
+    from .plugins.smart_turn import WordsJudge
+    from .plugins.turn_text import TurnText
+
+    def judge(text: str) -> asyncio.Future[float | None]:
+        agent = session().current_agent
+        return engine.end_of_turn_probability(agent.chat_ctx, agent.tools, text)
+
+    return WordsJudge(TurnText(judge), cfg.text_unfinished_below, cfg.text_finished_above)
 
 
 def prefill_from_transcripts(session: AgentSession, engine: LlamaLLM) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from livekit.agents import llm, utils
 from livekit.agents.llm import ChatChunk, ChoiceDelta, CompletionUsage, FunctionToolCall
 from livekit.agents.types import (
@@ -169,6 +170,23 @@ class LocalLlama:
         llama.n_tokens = keep = min(keep, len(tokens) - 1)  # the last one gives the logits
         llama.eval(tokens[keep:])
         return len(tokens) - keep
+
+    def end_of_turn_probability(self, tokens: list[int], after: int) -> float:
+        """P(the next token is `after`) once `tokens` are evaluated (worker thread): with
+        `tokens` a prompt that ends with the user's words and `after` the token the chat
+        template closes a user turn with, how sure the model is that the user is done (as
+        LiveKit's text end-of-utterance model reads its own model). The evaluated tokens
+        stay in the KV cache: the reply's prompt starts with them."""
+        llama = self.llama
+        keep = Llama.longest_token_prefix(llama._input_ids.tolist(), tokens)
+        llama.n_tokens = min(keep, len(tokens) - 1)  # the last one gives the logits
+        llama.eval(tokens[llama.n_tokens :])
+        # llama-cpp-python keeps no logits unless every token's are kept: read the context's
+        row = llama_cpp.llama_get_logits_ith(llama.ctx, -1)
+        logits = np.ctypeslib.as_array(row, shape=(llama.n_vocab(),)).astype(np.float64)
+        logits -= logits.max()
+        weights = np.exp(logits)
+        return float(weights[after] / weights.sum())
 
     def speculate(
         self, tokens: list[int], stop: list[str], *, temperature: float, words: int
@@ -404,6 +422,31 @@ class LlamaLLM(llm.LLM):
                 )
             trace.mark("llm.prefilled")
             return evaluated
+
+        return asyncio.get_running_loop().run_in_executor(self._executor, work)
+
+    def end_of_turn_probability(
+        self,
+        chat_ctx: llm.ChatContext,
+        tools: Sequence[llm.Tool | llm.Toolset],
+        text: str,
+    ) -> asyncio.Future[float | None]:
+        """P(the user's turn ends after `text`, following `chat_ctx` with `tools`: the
+        prompt of the reply it would get), from the model's probability of the chat
+        template's end-of-user-turn token there; None where the template puts nothing
+        recognisable after the user's words. On the LLM's worker."""
+        messages, schemas = _openai_request(chat_ctx, tools)
+        local, choice = self._local, self._tool_choice
+
+        def work() -> float | None:
+            done, more = (
+                _render(local, [*messages, {"role": "user", "content": said}], schemas, choice)
+                for said in (text, f"{text} and")
+            )
+            common = Llama.longest_token_prefix(done.tokens, more.tokens)
+            if not 0 < common < len(done.tokens):
+                return None
+            return local.end_of_turn_probability(done.tokens[:common], done.tokens[common])
 
         return asyncio.get_running_loop().run_in_executor(self._executor, work)
 

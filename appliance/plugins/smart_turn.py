@@ -26,6 +26,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -43,6 +44,8 @@ from livekit.agents.inference.eot.languages import ThresholdOptions, TurnDetecto
 from livekit.agents.metrics import EOTInferenceMetrics
 from livekit.agents.metrics.base import Metadata
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, APIConnectOptions
+
+from .turn_text import TurnText, decide
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -151,6 +154,20 @@ class SmartTurnModel:
         return float(np.asarray(out).reshape(-1)[0])
 
 
+@dataclass
+class WordsJudge:
+    """The words' part of a decision: the session's `TurnText` and how far it may overrule
+    the audio model (`turn_text.decide`)."""
+
+    text: TurnText
+    unfinished_below: float
+    finished_above: float
+    timeout: float = 0.5
+
+    def decide(self, audio: float, text: float | None) -> float:
+        return decide(audio, text, self.unfinished_below, self.finished_above)
+
+
 class _SmartTurnTransport:
     """Local transport: buffers 16 kHz audio and runs `SmartTurnModel` off the event loop.
 
@@ -167,8 +184,10 @@ class _SmartTurnTransport:
         detector: SmartTurnDetector,
         executor: concurrent.futures.Executor | None,
         vad: SharedVAD | None = None,
+        words: WordsJudge | None = None,
     ) -> None:
         self._model = model
+        self._words = words
         self._detector_ref = weakref.ref(detector)
         self._executor = executor
         self._vad = vad
@@ -294,6 +313,12 @@ class _SmartTurnTransport:
         self, request_id: str, requested_at: float, early: asyncio.Task[float | None] | None
     ) -> None:
         t0 = time.monotonic()
+        # the words' judgement runs beside the audio model (on the LLM's worker)
+        words = (
+            asyncio.ensure_future(self._words.text.probability(self._words.timeout))
+            if self._words is not None
+            else None
+        )
         prob = await early if early is not None else None
         # no early prediction, it was dropped before it ran, or it said "not done": ask
         # again now, on the audio with the whole pause (a user held up by an early verdict
@@ -302,7 +327,19 @@ class _SmartTurnTransport:
             t0 = time.monotonic()
             prob = await self._infer(lambda: self._is_current(request_id))
         if prob is None:
+            if words is not None:
+                words.cancel()
             return
+        if words is not None and self._words is not None:
+            text_prob = await words
+            audio_prob, prob = prob, self._words.decide(prob, text_prob)
+            logger.debug(
+                "end of turn: audio %.3f, words %s -> %.3f (%r)",
+                audio_prob,
+                "none" if text_prob is None else f"{text_prob:.3f}",
+                prob,
+                self._words.text.text,
+            )
         now = time.monotonic()
         inference_duration, delay = now - t0, now - requested_at
 
@@ -338,9 +375,10 @@ class SmartTurnStream(_BaseStreamingTurnDetectorStream):
         model: SmartTurnModel,
         executor: concurrent.futures.Executor | None,
         vad: SharedVAD | None = None,
+        words: WordsJudge | None = None,
     ) -> None:
         self._smart_transport = _SmartTurnTransport(
-            model=model, detector=detector, executor=executor, vad=vad
+            model=model, detector=detector, executor=executor, vad=vad, words=words
         )
         super().__init__(
             detector=detector,
@@ -375,6 +413,7 @@ class SmartTurnDetector(_BaseStreamingTurnDetector):
         *,
         executor: concurrent.futures.Executor | None = None,
         vad: SharedVAD | None = None,
+        words: WordsJudge | None = None,
     ) -> None:
         # No shipped thresholds exist for this model name, so a scalar override is the
         # only value ThresholdOptions resolves: lookup(any language) -> 0.5.
@@ -385,6 +424,7 @@ class SmartTurnDetector(_BaseStreamingTurnDetector):
         self._smart_model = model
         self._executor = executor
         self._vad = vad
+        self._words = words
 
     @property
     def model(self) -> str:  # type: ignore[override]
@@ -416,4 +456,5 @@ class SmartTurnDetector(_BaseStreamingTurnDetector):
             model=self._smart_model,
             executor=self._executor,
             vad=self._vad,
+            words=self._words,
         )

@@ -39,6 +39,7 @@ from livekit.agents.types import (
 from .. import trace
 from ..fileaudio import mono16, resample
 from .shared_vad import SPEECH_PROBABILITY, SharedVAD
+from .turn_text import TurnText
 
 logger = logging.getLogger("appliance.stt")
 
@@ -169,9 +170,11 @@ class WhisperSTT(stt.STT):
         window: str = "fit",
         preflight_after: float = 0.0,
         segment: bool = True,
+        turn_text: TurnText | None = None,
     ) -> None:
         """`segment=False`: `vad` (a `SharedVAD`) times preflights but does not cut segments:
-        the audio between two flushes is one utterance (push-to-talk, manual turns)."""
+        the audio between two flushes is one utterance (push-to-talk, manual turns).
+        `turn_text` is told of each transcript of a turn (preflights and finals)."""
         super().__init__(
             capabilities=stt.STTCapabilities(
                 streaming=True,
@@ -189,6 +192,7 @@ class WhisperSTT(stt.STT):
         self._window = window
         self._preflight_after = preflight_after
         self._segment = segment
+        self.turn_text = turn_text
 
     @property
     def model(self) -> str:
@@ -291,6 +295,8 @@ class WhisperStream(stt.RecognizeStream):
 
     def _queue_final(self, speech_end_time: float) -> None:
         self._finals_pending += 1
+        if self._owner.turn_text is not None:
+            self._owner.turn_text.transcribing()
         reuse, self._preflight = self._preflight, None
         self._jobs.put_nowait(_Job("final", self._take_segment(), speech_end_time, reuse=reuse))
 
@@ -360,6 +366,8 @@ class WhisperStream(stt.RecognizeStream):
             if len(pcm) >= _MIN_SECONDS * SAMPLE_RATE:
                 self._preflight = _Job("preflight", pcm)
                 self._jobs.put_nowait(self._preflight)
+                if self._owner.turn_text is not None:
+                    self._owner.turn_text.transcribing()
 
     async def _recognize(self) -> None:
         while (job := await self._jobs.get()) is not None:
@@ -367,7 +375,10 @@ class WhisperStream(stt.RecognizeStream):
                 self._interim_pending = False
                 if self._finals_pending or len(job.pcm) < _MIN_SECONDS * SAMPLE_RATE:
                     continue
+            turn_text = self._owner.turn_text
             if job.kind == "preflight" and job is not self._preflight:
+                if turn_text is not None:
+                    turn_text.heard(None, final=False)
                 continue  # the user spoke again before it ran
             if job.reuse is not None and job.reuse.data is not None:
                 data = job.reuse.data
@@ -379,6 +390,8 @@ class WhisperStream(stt.RecognizeStream):
                 )
             if job.kind == "preflight":
                 job.data = data
+                if turn_text is not None:
+                    turn_text.heard(data.text if job is self._preflight else None, final=False)
                 if data.text and job is self._preflight:
                     trace.mark("stt.transcript")
                     self._event_ch.send_nowait(
@@ -394,6 +407,8 @@ class WhisperStream(stt.RecognizeStream):
                     )
                 continue
             self._finals_pending -= 1
+            if turn_text is not None:
+                turn_text.heard(data.text, final=True)
             trace.mark("stt.transcript")
             # a final is sent even when empty: it releases commit_user_turn() at once
             self._event_ch.send_nowait(

@@ -1,0 +1,118 @@
+"""What the user has said in the current turn, and whether it reads as finished.
+
+The audio end-of-turn model hears how a sentence ends, not what it says: on voices it was
+not trained on it takes a pause after "I would like to know," for the end of a turn, and
+holds some finished questions to the maximum delay. `TurnText` adds the words: the STT
+reports each transcript of the turn (Whisper's preflight at the first pause, and each
+final), and each new text is judged at once by the session's LLM, as the probability of
+the token its chat template closes a user turn with (`LlamaLLM.end_of_turn_probability`).
+The job goes to the LLM's worker ahead of the preemptive reply that the same transcript
+starts, and the prompt it evaluates is the start of that reply's prompt (the KV cache
+keeps it), so the words cost about one softmax. The turn detector asks `probability()`
+when it decides, and `decide()` lets the words overrule the audio model only when they are
+clear either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+logger = logging.getLogger("appliance.turn")
+
+Judge = Callable[[str], "asyncio.Future[float | None]"]
+
+
+def decide(
+    audio: float, text: float | None, unfinished_below: float, finished_above: float
+) -> float:
+    """The probability the session compares with its 0.5 threshold: the text's where it is
+    clear (below `unfinished_below`: hold; above `finished_above`: done), else the audio's."""
+    if text is None:
+        return audio
+    if text < unfinished_below:
+        return min(audio, text)
+    if text > finished_above:
+        return max(audio, text)
+    return audio
+
+
+def _consume(future: asyncio.Future[float | None]) -> None:
+    """A judgement nobody awaited must not log 'exception never retrieved'."""
+    if not future.cancelled():
+        future.exception()
+
+
+class TurnText:
+    """The current user turn's transcripts and the LLM's judgement of the latest one.
+
+    Lives on the event loop: the STT calls `transcribing()` when it starts a transcript of
+    the turn and `heard()` when it has one; the session calls `committed()` when the turn
+    goes into the conversation; the turn detector awaits `probability()`.
+    """
+
+    def __init__(self, judge: Judge) -> None:
+        self._judge = judge
+        self._finals: list[str] = []
+        self._pending = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._text = ""
+        self._judgement: asyncio.Future[float | None] | None = None
+
+    @property
+    def text(self) -> str:
+        """The words of the turn so far."""
+        return self._text
+
+    def transcribing(self) -> None:
+        self._pending += 1
+        self._idle.clear()
+
+    def heard(self, text: str | None, *, final: bool) -> None:
+        """A transcript of the turn's latest segment (None: the job was dropped)."""
+        self._pending = max(0, self._pending - 1)
+        if self._pending == 0:
+            self._idle.set()
+        if text is None:
+            return
+        text = text.strip()
+        full = " ".join([*self._finals, text]).strip()
+        if final and text:
+            self._finals.append(text)
+        if full and full != self._text:
+            self._text = full
+            try:
+                self._judgement = self._judge(full)
+            except Exception:
+                logger.exception("the text end-of-turn judgement could not start")
+                self._judgement = None
+            else:
+                self._judgement.add_done_callback(_consume)
+
+    def committed(self) -> None:
+        """The turn went into the conversation (or was dropped): start afresh."""
+        self._finals.clear()
+        self._text = ""
+        self._judgement = None
+
+    async def probability(self, timeout: float) -> float | None:
+        """P(the turn is finished) by its words, waiting at most `timeout` s for the
+        transcript in progress and its judgement; None when there is none in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            judgement = self._judgement
+            if judgement is None:
+                return None
+            return await asyncio.wait_for(
+                asyncio.shield(judgement), max(0.0, deadline - loop.time())
+            )
+        except asyncio.TimeoutError:
+            logger.debug("no text end-of-turn judgement within %.2f s", timeout)
+            return None
+        except Exception:
+            logger.exception("the text end-of-turn judgement failed")
+            return None

@@ -1,0 +1,219 @@
+"""Conversation quality on the real models: right answers, a pause mid-sentence kept in
+one turn, a follow-up answered from the conversation, and the words' end-of-turn signal.
+
+Speech is the Piper voice with its variation off (conftest.py); replies are sampled at
+temperature 0, so each test sees the same answer every run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from livekit.agents import llm
+
+from appliance import config as config_mod
+from appliance.converse import converse
+from appliance.evaluation import Item, Turn, graded, load_corpus, run_item
+from appliance.fileaudio import write_wav
+from appliance.plugins.turn_text import TurnText, decide
+from appliance.session import build_session
+
+from .conftest import transcribed_as
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def greedy(**session: Any) -> config_mod.Config:
+    return config_mod.parse({"session": session, "models": {"llm_temperature": 0.0}}, "<test>")
+
+
+def spoken_item(tmp_path: Path, speak: Any, turns: list[tuple[list[Any], list[str]]]) -> Item:
+    """An evaluation item from Piper speech: each turn's pieces are text or a pause (s)."""
+    item = Item("t", "eval", "piper", "dialogue")
+    for n, (pieces, keys) in enumerate(turns):
+        audio = np.concatenate(
+            [
+                speak(p, lead=0.0) if isinstance(p, str) else np.zeros(int(p * 16000), np.int16)
+                for p in pieces
+            ]
+        )
+        end = len(audio) / 16000
+        pcm = np.concatenate([np.zeros(4800, np.int16), audio, np.zeros(16000, np.int16)])
+        path = tmp_path / f"turn{n}.wav"
+        write_wav(path, pcm, 16000)
+        text = " ".join(p for p in pieces if isinstance(p, str))
+        item.turns.append(Turn(path, text, keys or None, [], 0.3 + end))
+    return item
+
+
+def run(models: Any, config: config_mod.Config, item: Item) -> list[dict[str, Any]]:
+    async def go() -> list[dict[str, Any]]:
+        return await run_item("appliance", models, config, item, build_session(config, models))
+
+    return asyncio.run(go())
+
+
+def test_the_demo_question_is_answered_with_paris(models: Any, speak: Any) -> None:
+    result = asyncio.run(converse(models, greedy(), speak("What is the capital of France?")))
+    reply = " ".join(i["text"] for i in result.items if i["role"] == "assistant")
+    assert "paris" in reply.lower(), result.items
+
+
+def test_an_unfinished_sentence_with_a_pause_is_one_turn(
+    models: Any, speak: Any, tmp_path: Path
+) -> None:
+    item = spoken_item(
+        tmp_path,
+        speak,
+        [(["I would like to know,", 0.7, "what the capital of Spain is."], [])],
+    )
+    (turn,) = run(models, greedy(text_turn_detection=True), item)
+    assert not turn["premature"], turn  # no agent audio before the user's last word
+    assert turn["user_turns"] == 1, turn
+    assert transcribed_as(item.turns[0].text, turn["heard"]), turn
+    assert turn["reply"].strip(), turn  # (how soon depends on the LLM: `appliance eval`)
+
+
+def test_a_follow_up_is_answered_from_the_conversation(
+    models: Any, speak: Any, tmp_path: Path
+) -> None:
+    item = spoken_item(
+        tmp_path,
+        speak,
+        [
+            (["What is the capital of Japan?"], [r"tokyo"]),
+            (["What country is it in?"], [r"japan"]),
+        ],
+    )
+    first, second = run(models, greedy(), item)
+    assert first["right"] and second["right"], (first, second)
+    assert not first["premature"] and not second["premature"]
+
+
+def test_the_llm_reads_finished_and_unfinished_words(models: Any) -> None:
+    engine_config = greedy()
+
+    async def probabilities() -> dict[str, float | None]:
+        engine = models.llm()
+        ctx = llm.ChatContext()
+        ctx.add_message(role="system", content=engine_config.agent.instructions)
+        texts = (
+            "What is the capital of Japan?",
+            "How many legs does a spider have?",
+            "I would like to know,",
+            "Can you tell me",
+            "So I was wondering if",
+        )
+        return {t: await engine.end_of_turn_probability(ctx, (), t) for t in texts}
+
+    p = asyncio.run(probabilities())
+    finished = [p["What is the capital of Japan?"], p["How many legs does a spider have?"]]
+    unfinished = [p["I would like to know,"], p["Can you tell me"], p["So I was wondering if"]]
+    assert all(v is not None for v in (*finished, *unfinished)), p
+    assert min(finished) > 10 * max(unfinished), p  # type: ignore[type-var]
+    assert max(unfinished) < 0.05, p  # type: ignore[operator]
+
+
+def test_the_words_overrule_the_audio_only_where_they_are_clear() -> None:
+    assert decide(0.9, 0.001, 0.05, 0.5) < 0.05  # "I would like to know," sounds finished
+    assert decide(0.2, 0.95, 0.05, 0.5) == 0.95  # a finished question in an unseen voice
+    assert decide(0.7, 0.3, 0.05, 0.5) == 0.7  # unclear words: the audio decides
+    assert decide(0.3, None, 0.05, 0.5) == 0.3  # no transcript in time: the audio decides
+
+
+def test_turn_text_judges_the_whole_turn_and_starts_afresh() -> None:
+    async def go() -> list[str]:
+        judged: list[str] = []
+
+        def judge(text: str) -> asyncio.Future[float | None]:
+            judged.append(text)
+            done: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
+            done.set_result(0.9 if text.endswith("?") else 0.0)
+            return done
+
+        turn = TurnText(judge)
+        turn.transcribing()
+        waiting = asyncio.ensure_future(turn.probability(1.0))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()  # a transcript is on its way: wait for it
+        turn.heard("I would like to know,", final=True)
+        assert await waiting == 0.0
+        turn.transcribing()
+        turn.heard("what the time is?", final=False)
+        assert await turn.probability(1.0) == 0.9
+        turn.committed()
+        assert await turn.probability(1.0) is None
+        turn.transcribing()
+        turn.heard(None, final=False)  # a dropped transcript releases the wait
+        assert await turn.probability(1.0) is None
+        return judged
+
+    assert asyncio.run(go()) == ["I would like to know,", "I would like to know, what the time is?"]
+
+
+def test_graded_answers_need_a_key_and_no_rejected_word() -> None:
+    turn = Turn(
+        Path("x.wav"),
+        "How many legs does a spider have?",
+        [r"\beight\b", r"\b8\b"],
+        [r"\bsix\b"],
+        1.0,
+    )
+    assert graded("A spider has eight legs.", turn)
+    assert not graded("Six or eight.", turn)
+    assert not graded("Many legs.", turn)
+    assert graded("Hello.", Turn(Path("x.wav"), "Hi.", None, [], 1.0)) is None
+
+
+def test_the_corpus_is_whole_and_split_into_tuning_and_evaluation() -> None:
+    corpus = ROOT / "bench" / "eval" / "corpus.json"
+    items = load_corpus(corpus, "all")
+    assert len(load_corpus(corpus, "eval")) >= 80
+    assert load_corpus(corpus, "tune")
+    assert len({i.voice for i in items}) >= 4 and not any("joe" in i.voice for i in items)
+    for item in items:
+        for turn in item.turns:
+            assert turn.audio.is_file(), turn.audio
+
+
+@pytest.mark.slow
+def test_appliance_eval_prints_the_figures_and_writes_every_turn(tmp_path: Path) -> None:
+    corpus = json.loads((ROOT / "bench" / "eval" / "corpus.json").read_text())
+    few = [i for i in corpus if i["kind"] == "question"][:1]
+    few += [i for i in corpus if i["kind"] == "read_speech" and "beckett" in i["voice"]]
+    small = tmp_path / "corpus.json"
+    small.write_text(json.dumps([{**i, "set": "eval"} for i in few]))
+    (tmp_path / "wav").symlink_to(ROOT / "bench" / "eval" / "wav")
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "eval",
+            "--corpus",
+            str(small),
+            "--json",
+            str(out),
+            "--configs",
+            "appliance",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "answers right" in done.stdout and "response p50" in done.stdout
+    results = json.loads(out.read_text())
+    summary = results["appliance"]["summary"]
+    assert summary["turns"] == 1 and summary["graded"] == 1
+    assert summary["read_speech_wer_pct"] is not None and summary["read_speech_wer_pct"] < 30
+    turn = results["appliance"]["turns"][0]
+    assert {"heard", "reply", "right", "premature", "hold", "response_ms", "cpu_s"} <= set(turn)
