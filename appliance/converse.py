@@ -68,9 +68,14 @@ class ConverseResult:
 
     def first_audio_after(self, t: float, threshold: int = 300) -> float | None:
         """Time of the first non-silent output sample at or after `t` on the timeline."""
-        start = int(t * self.reply_rate)
-        loud = np.flatnonzero(np.abs(self.reply_pcm[start:].astype(np.int32)) > threshold)
-        return (start + int(loud[0])) / self.reply_rate if len(loud) else None
+        return first_loud(self.reply_pcm, self.reply_rate, t, threshold)
+
+
+def first_loud(pcm: np.ndarray, rate: int, t: float, threshold: int = 300) -> float | None:
+    """Seconds to the first sample of `pcm` at or after `t` louder than `threshold`."""
+    start = int(t * rate)
+    loud = np.flatnonzero(np.abs(pcm[start:].astype(np.int32)) > threshold)
+    return (start + int(loud[0])) / rate if len(loud) else None
 
 
 def history_items(ctx: llm.ChatContext) -> list[dict[str, Any]]:

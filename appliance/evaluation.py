@@ -40,6 +40,7 @@ from .bench import (
     word_error_rate,
 )
 from .config import Config
+from .converse import first_loud
 from .fileaudio import read_audio
 
 if TYPE_CHECKING:
@@ -196,17 +197,11 @@ async def run_item(
     return records
 
 
-def _first_loud(recording: np.ndarray, rate: int, t: float, threshold: int = 300) -> float | None:
-    start = int(t * rate)
-    loud = np.flatnonzero(np.abs(recording[start:].astype(np.int32)) > threshold)
-    return (start + int(loud[0])) / rate if len(loud) else None
-
-
 def _score(rec: dict[str, Any], turn: Turn, recording: np.ndarray, rate: int) -> None:
     start, end = rec.pop("start"), rec.pop("speech_end")
-    earliest = _first_loud(recording, rate, start)
+    earliest = first_loud(recording, rate, start)
     rec["premature"] = earliest is not None and earliest < end
-    first = _first_loud(recording, rate, end)
+    first = first_loud(recording, rate, end)
     rec["response_ms"] = _ms(first - end) if first is not None else None
     rec["hold"] = first is None or first - end > HOLD_S
     rec["right"] = graded(rec["reply"], turn)
