@@ -176,9 +176,7 @@ def cmd_models_install(args: argparse.Namespace) -> int:
             e.id
             for e in manifest.models.values()
             if not e.embedded
-            and (
-                (source / e.dir).is_dir() or (e.archive and (source / e.archive.filename).is_file())
-            )
+            and ((source / e.dir).is_dir() or any((source / n).is_file() for n in _archives(e)))
         ]
         if not ids:
             print(f"error: {source}: no model of the manifest found there", file=sys.stderr)
@@ -206,6 +204,13 @@ def cmd_models_install(args: argparse.Namespace) -> int:
                 entry, root, digests=digests, trust_on_first_use=args.trust_on_first_use
             )
     return _report(root, results, args.json)
+
+
+def _archives(entry: ModelEntry) -> list[str]:
+    """The file names of the registry packages a model comes in (its archive, or the
+    packages its files' parts are in)."""
+    names = [entry.archive.filename] if entry.archive else []
+    return names + [p.archive.filename for f in entry.files for p in f.parts]
 
 
 def cmd_models_remove(args: argparse.Namespace) -> int:

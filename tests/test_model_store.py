@@ -819,3 +819,20 @@ def test_import_rejects_a_tampered_part_wheel(tmp_path: Path) -> None:
     assert result.action == "rejected"
     assert "part 3 of 3" in result.detail and "does not match the manifest" in result.detail
     assert not (root / "split-llm" / "model.gguf").exists() and no_parts(root)
+
+
+def test_cli_import_of_a_directory_finds_a_model_by_its_part_wheels(tmp_path: Path) -> None:
+    """`appliance models import STICK` with no ids: a split model is found by its wheels."""
+    stick = tmp_path / "stick"
+    split = split_model(stick, lambda name: f"https://files.example.invalid/{name}")
+    write_manifest(tmp_path / "extra.toml", {"test/split": split.entry})
+    config = tmp_path / "appliance.toml"
+    config.write_text(f'[models]\nmanifest = "{tmp_path / "extra.toml"}"\n')
+    root = tmp_path / "device"
+    proc = _cli(
+        "models", "import", str(stick), "--config", str(config), "--dir", str(root), "--json"
+    )
+    assert proc.returncode == 0, proc.stderr
+    files = {f["model"]: f["action"] for f in json.loads(proc.stdout)["files"]}
+    assert files == {"test/split": "installed"}
+    assert (root / "split-llm" / "model.gguf").read_bytes() == split.data
