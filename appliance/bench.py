@@ -198,9 +198,36 @@ BREAKDOWN = (
 _WORD_RE = re.compile(r"[a-z0-9']+")
 
 
+_ONES = [
+    *("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"),
+    *("eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen"),
+    *("eighteen", "nineteen"),
+]
+_TENS = ["_", "_", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+
+def _number_words(n: int) -> list[str]:
+    """0-999 as spoken words ("365": three hundred sixty five)."""
+    if n < 20:
+        return [_ONES[n]]
+    if n < 100:
+        return [_TENS[n // 10]] + (_number_words(n % 10) if n % 10 else [])
+    return [_ONES[n // 100], "hundred"] + (_number_words(n % 100) if n % 100 else [])
+
+
+def _words(text: str) -> list[str]:
+    """Lower-case words without punctuation, numbers under 1000 spelt out (Whisper writes
+    "6" where the speaker said "six"), "and" after "hundred" dropped."""
+    out: list[str] = []
+    for word in _WORD_RE.findall(text.lower()):
+        out += _number_words(int(word)) if word.isdigit() and int(word) < 1000 else [word]
+    return [w for i, w in enumerate(out) if not (w == "and" and i and out[i - 1] == "hundred")]
+
+
 def word_error_rate(reference: str, hypothesis: str) -> float | None:
-    """Word-level edit distance / reference words (lower case, punctuation ignored)."""
-    ref, hyp = _WORD_RE.findall(reference.lower()), _WORD_RE.findall(hypothesis.lower())
+    """Word-level edit distance / reference words (lower case, punctuation ignored,
+    numbers compared as words)."""
+    ref, hyp = _words(reference), _words(hypothesis)
     if not ref:
         return None
     row = list(range(len(hyp) + 1))

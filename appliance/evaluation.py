@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import psutil
 
+from . import trace
 from .bench import (
     RATE,
     _cpu_seconds,
@@ -126,7 +127,8 @@ def read_speech_wer(models: ModelSet, item: Item) -> dict[str, Any]:
         pieces.append(audio[start:cut])
         start = cut
     pieces.append(audio[start:])
-    heard = " ".join(transcribe(models.whisper, piece, "en")[0] for piece in pieces)
+    beam = models.config.models.stt_beam_size
+    heard = " ".join(transcribe(models.whisper, piece, "en", beam_size=beam)[0] for piece in pieces)
     return {
         "id": item.id,
         "voice": item.voice,
@@ -192,17 +194,22 @@ async def run_item(
     rate = speaker.rate or RATE
     cpu = (_cpu_seconds(proc) - cpu0) / max(1, len(records))
     for rec, turn in zip(records, item.turns, strict=False):
-        _score(rec, turn, recording, rate)
+        _score(rec, turn, recording, rate, clock.origin)
         rec["cpu_s"] = round(cpu, 3)
     return records
 
 
-def _score(rec: dict[str, Any], turn: Turn, recording: np.ndarray, rate: int) -> None:
+def _score(
+    rec: dict[str, Any], turn: Turn, recording: np.ndarray, rate: int, origin: float
+) -> None:
     start, end = rec.pop("start"), rec.pop("speech_end")
     earliest = first_loud(recording, rate, start)
     rec["premature"] = earliest is not None and earliest < end
     first = first_loud(recording, rate, end)
     rec["response_ms"] = _ms(first - end) if first is not None else None
+    parts = trace.critical_path(origin + end, origin + first) if first is not None else None
+    if parts:
+        rec["breakdown_ms"] = {k: _ms(v) for k, v in parts.items()}
     rec["hold"] = first is None or first - end > HOLD_S
     rec["right"] = graded(rec["reply"], turn)
     rec["wer"] = word_error_rate(turn.text, rec["heard"])

@@ -193,6 +193,7 @@ class ModelSet:
             preflight_after=self.config.models.stt_preflight if vad is not None else 0.0,
             segment=segment,
             turn_text=turn_text,
+            beam_size=self.config.models.stt_beam_size,
         )
 
     def llm(self, tool_choice: ToolChoice | None = None) -> LlamaLLM:

@@ -44,6 +44,11 @@ def test_word_error_rate() -> None:
     assert word_error_rate("What is the capital of France?", "what is the capital of france") == 0
     assert word_error_rate("What color is the sky?", "What colors the sky") == 0.4
     assert word_error_rate("a b", "a b c d") == 1.0
+    # numbers count as the words said: Whisper writes "6" for "six"
+    assert word_error_rate("What is six times seven?", "What is 6 times 7?") == 0
+    assert word_error_rate("three hundred and sixty five days", "365 days") == 0
+    assert word_error_rate("twenty four hours", "24 hours") == 0
+    assert word_error_rate("eight plus five", "8 plus 6") == 1 / 3
     assert word_error_rate("", "anything") is None
 
 

@@ -63,8 +63,10 @@ def transcribe(
     *,
     window: str = "fit",
     redo_loops: bool = True,
+    beam_size: int = 1,
 ) -> tuple[str, float]:
-    """Blocking greedy transcription of float32 16 kHz audio; returns (text, confidence).
+    """Blocking transcription of float32 16 kHz audio (greedy, or a beam search of
+    `beam_size`); returns (text, confidence).
 
     `window` "fit": the encoder sees the utterance plus 1 s, not Whisper's fixed 30 s
     window (CTranslate2 accepts the shorter input): about 10x less encoder work for a
@@ -74,7 +76,7 @@ def transcribe(
     ``redo_loops`` is False (interim transcripts): then a loop gives no words.
     """
     if window == "fit" and len(audio) < (_FULL_FRAMES - _FIT_MARGIN_FRAMES) * _HOP:
-        text, confidence = _transcribe_fitted(model, audio, language)
+        text, confidence = _transcribe_fitted(model, audio, language, beam_size)
         if not _loops(text):
             return text, confidence
         if not redo_loops:
@@ -83,7 +85,7 @@ def transcribe(
     segments, _info = model.transcribe(
         audio,
         language=language,
-        beam_size=1,
+        beam_size=beam_size,
         best_of=1,
         temperature=0.0,
         condition_on_previous_text=False,
@@ -128,7 +130,9 @@ def _is_noise(no_speech_prob: float, avg_logprob: float) -> bool:
     return no_speech_prob > 0.6 and avg_logprob < -1.0  # Whisper's hallucination on silence
 
 
-def _transcribe_fitted(model: WhisperModel, audio: np.ndarray, language: str) -> tuple[str, float]:
+def _transcribe_fitted(
+    model: WhisperModel, audio: np.ndarray, language: str, beam_size: int = 1
+) -> tuple[str, float]:
     features = model.feature_extractor(audio)
     features = pad_or_trim(features, min(_FULL_FRAMES, features.shape[-1] + _FIT_MARGIN_FRAMES))
     tokenizer = Tokenizer(
@@ -141,7 +145,7 @@ def _transcribe_fitted(model: WhisperModel, audio: np.ndarray, language: str) ->
     (result,) = model.model.generate(
         encoded,
         [[*tokenizer.sot_sequence, tokenizer.no_timestamps]],
-        beam_size=1,
+        beam_size=beam_size,
         max_length=int(16 + 8 * seconds),  # speech is ~4 tokens/s: a loop cannot run on
         return_scores=True,
         return_no_speech_prob=True,
@@ -171,6 +175,7 @@ class WhisperSTT(stt.STT):
         preflight_after: float = 0.0,
         segment: bool = True,
         turn_text: TurnText | None = None,
+        beam_size: int = 1,
     ) -> None:
         """`segment=False`: `vad` (a `SharedVAD`) times preflights but does not cut segments:
         the audio between two flushes is one utterance (push-to-talk, manual turns).
@@ -192,6 +197,7 @@ class WhisperSTT(stt.STT):
         self._window = window
         self._preflight_after = preflight_after
         self._segment = segment
+        self._beam_size = beam_size
         self.turn_text = turn_text
 
     @property
@@ -225,6 +231,7 @@ class WhisperSTT(stt.STT):
                 self._language,
                 window=self._window,
                 redo_loops=not interim,
+                beam_size=self._beam_size,
             ),
         )
         return stt.SpeechData(
