@@ -33,7 +33,11 @@ BUILTIN_TOOLS = ("current_time", "end_conversation")
 
 DEFAULT_INSTRUCTIONS = (
     "You are a helpful voice assistant running on a small offline device. "
-    "Answer in one or two short spoken sentences. Do not use lists, markdown or emoji."
+    "Answer in one or two short spoken sentences. "
+    "Answer questions directly; for a calculation, say the number. "
+    "Reply naturally to thanks, short answers, names and requests. "
+    "Never say you are an AI or that you cannot help. "
+    "Do not use lists, markdown or emoji."
 )
 
 
@@ -52,7 +56,7 @@ class SessionConfig(_Section):
 
     allow_interruptions: bool = True
     # the three latency defaults that differ from the reference (0.5 s, 0.5 s and false):
-    # see README. 0.1 s of speech pauses the reply; words in it end it, else it resumes
+    # see docs/latency.md. 0.1 s of speech pauses the reply; words in it end it, else it resumes
     min_interruption_duration: float = Field(0.1, ge=0.0, le=10.0)
     min_interruption_words: int = Field(0, ge=0, le=50)
     min_endpointing_delay: float = Field(0.3, ge=0.0, le=10.0)
@@ -61,8 +65,8 @@ class SessionConfig(_Section):
     turn_detection: Literal["model", "vad", "stt", "manual"] = "model"
     # the words as well as the audio decide the end of a turn (smart-turn only): the LLM's
     # probability that the user's turn ends after what was said overrules the audio model
-    # where it is clear either way (plugins/turn_text.py)
-    text_turn_detection: bool = False
+    # where it is clear either way (plugins/turn_text.py; measured in docs/quality.md)
+    text_turn_detection: bool = True
     text_unfinished_below: float = Field(0.05, ge=0.0, le=1.0)
     text_finished_above: float = Field(0.5, ge=0.0, le=1.0)
     userdata: dict[str, Any] = Field(default_factory=dict)
@@ -92,6 +96,7 @@ class ModelsConfig(_Section):
     stt_interim_interval: float = Field(0.0, ge=0.0, le=10.0)
     stt_interim_manual: float = Field(0.5, ge=0.0, le=10.0)  # manual turns (push-to-talk)
     stt_window: Literal["fit", "full"] = "fit"
+    stt_beam_size: int = Field(1, ge=1, le=10)  # 1: greedy decoding
     llm_threads: int = Field(0, ge=0, le=64)
     llm_first_threads: int = Field(0, ge=0, le=64)  # a reply's first words; 0: as llm_threads
     llm_requantize: Literal["", "q4_0", "q8_0"] = ""

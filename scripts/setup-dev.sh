@@ -43,8 +43,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q -e ".[dev]"  # dev includes the [ptt] extra
   touch "$stamp"
 fi
-# the x86-dev profile (embedded defaults) and smart-turn, which the tests also use
-.venv/bin/appliance models fetch --profile x86-dev smart-turn/v3.2
+# the x86-dev profile (embedded defaults), smart-turn and SmolLM2-135M, which the tests also
+# use (SmolLM2: a small GGUF for the requantization and native self-test tests)
+.venv/bin/appliance models fetch --profile x86-dev smart-turn/v3.2 llama.cpp/smollm2-135m-instruct
 # a tiny real inference with each native library, each in a child process: a build that
 # crashes on this CPU is reported here with its fix, not in the first conversation
 .venv/bin/appliance doctor --native

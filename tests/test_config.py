@@ -23,7 +23,7 @@ REFERENCE_DEFAULTS = {
 }
 
 
-# The defaults that differ from the reference, for latency (README, Latency).
+# The defaults that differ from the reference, for latency (docs/latency.md).
 LATENCY_DEFAULTS = {
     "min_endpointing_delay": 0.3,
     "preemptive_generation": True,

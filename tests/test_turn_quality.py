@@ -74,7 +74,7 @@ def test_an_unfinished_sentence_with_a_pause_is_one_turn(
         speak,
         [(["I would like to know,", 0.7, "what the capital of Spain is."], [])],
     )
-    (turn,) = run(models, greedy(text_turn_detection=True), item)
+    (turn,) = run(models, greedy(), item)  # the default: smart-turn and the words
     assert not turn["premature"], turn  # no agent audio before the user's last word
     assert turn["user_turns"] == 1, turn
     assert transcribed_as(item.turns[0].text, turn["heard"]), turn

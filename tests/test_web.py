@@ -166,6 +166,7 @@ def test_the_page_shows_the_conversation_and_the_states(
     replies = [text for cls, text, final in out["bubbles"] if "assistant" in cls and final]
     assert any(transcribed_as("What is the capital of France?", u) for u in users), out["bubbles"]
     assert replies[0] == "Hello." and len(replies) >= 2 and replies[1], out["bubbles"]
+    assert "paris" in replies[1].lower(), out["bubbles"]  # the page (and its screenshot) is right
     partial = [text for cls, text, final in out["mid_reply"] if "assistant" in cls and not final]
     assert partial and replies[1].startswith(partial[0][:3]), out  # in step with the speech
     states = iter(out["states"])  # the question's turn, in order (after the greeting's)

@@ -78,7 +78,7 @@ def requantized(source: Path, source_sha256: str, target: str, cache: Path) -> P
         params.ftype = REQUANTIZE_TYPES[target]
         params.allow_requantize = True
         t = time.perf_counter()
-        with suppress_stdout_stderr():  # a line per tensor
+        with suppress_stdout_stderr(disable=False):  # a line per tensor (default: no-op)
             code = llama_cpp.llama_model_quantize(str(source).encode(), str(part).encode(), params)
         if code != 0:
             raise OSError(f"llama.cpp could not requantize {source.name} to {target}")
