@@ -67,8 +67,11 @@ class SessionConfig(_Section):
     # probability that the user's turn ends after what was said overrules the audio model
     # where it is clear either way (plugins/turn_text.py; measured in docs/quality.md)
     text_turn_detection: bool = True
-    text_unfinished_below: float = Field(0.05, ge=0.0, le=1.0)
+    text_unfinished_below: float = Field(0.001, ge=0.0, le=1.0)
     text_finished_above: float = Field(0.5, ge=0.0, le=1.0)
+    # the audio model and the words disagree, or the words are unsure: the turn ends this
+    # long after the pause is detected, unless both then say the user is not done
+    uncertain_endpointing_delay: float = Field(1.0, ge=0.0, le=30.0)
     userdata: dict[str, Any] = Field(default_factory=dict)
     user_away_timeout: float | None = Field(15.0, ge=0.0)
 

@@ -211,6 +211,11 @@ def _score(
     if parts:
         rec["breakdown_ms"] = {k: _ms(v) for k, v in parts.items()}
     rec["hold"] = first is None or first - end > HOLD_S
+    until = first if first is not None else end + TURN_TIMEOUT_S
+    rec["turn_decisions"] = [
+        {"at_ms": _ms(d.pop("t") - origin - end), **d}  # type: ignore[operator]
+        for d in trace.decisions_between(origin + start, origin + until)
+    ]
     rec["right"] = graded(rec["reply"], turn)
     rec["wer"] = word_error_rate(turn.text, rec["heard"])
 

@@ -241,7 +241,12 @@ def text_turn(
         agent = session().current_agent
         return engine.end_of_turn_probability(agent.chat_ctx, agent.tools, text)
 
-    return WordsJudge(TurnText(judge), cfg.text_unfinished_below, cfg.text_finished_above)
+    return WordsJudge(
+        TurnText(judge),
+        cfg.text_unfinished_below,
+        cfg.text_finished_above,
+        unsure_wait=cfg.uncertain_endpointing_delay,
+    )
 
 
 def prefill_from_transcripts(session: AgentSession, engine: LlamaLLM) -> None:

@@ -11,11 +11,22 @@ import time
 from collections import deque
 
 MARKS: deque[tuple[float, str]] = deque(maxlen=4000)
+DECISIONS: deque[tuple[float, dict[str, object]]] = deque(maxlen=1000)
+"""The end-of-turn decisions (what each signal said), for the evaluation's turn records."""
 STAGE_MARKS = ("stt.transcript", "llm.start", "llm.first_token", "tts.start", "tts.first_audio")
 
 
 def mark(name: str) -> None:
     MARKS.append((time.monotonic(), name))
+
+
+def decision(**fields: object) -> None:
+    DECISIONS.append((time.monotonic(), fields))
+
+
+def decisions_between(start: float, end: float) -> list[dict[str, object]]:
+    """The end-of-turn decisions made in [start, end] (monotonic), oldest first."""
+    return [{"t": t, **fields} for t, fields in DECISIONS if start <= t <= end]
 
 
 def last_before(name: str, t: float, after: float = float("-inf")) -> float | None:

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 import numpy as np
@@ -39,6 +39,9 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .. import trace
 from .priority import Priority
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
 
 logger = logging.getLogger("appliance.llm")
 
@@ -95,6 +98,8 @@ def requantized(source: Path, source_sha256: str, target: str, cache: Path) -> P
 # A `keep_others` prefill does nothing where it would drop more than this many cached
 # tokens (another prompt); a few may go (a reply cut short differs by its unspoken end).
 _PREFILL_MAY_DROP = 4
+_MARK_WORTH_PROBING = 0.02
+"""A sentence end mark less likely than this next adds too little to be evaluated."""
 
 
 class LocalLlama:
@@ -145,6 +150,7 @@ class LocalLlama:
         self.template_has_tools = "tools" in template
         self.ahead: _Ahead | None = None  # a reply's first tokens, sampled at prefill time
         self.request_waiting = threading.Event()  # a request is queued: speculation stops
+        self._marks: list[int] | None = None
 
     def warm(self) -> None:
         """Evaluate a tiny prompt so the first real request pays no first-call costs."""
@@ -172,21 +178,51 @@ class LocalLlama:
         return len(tokens) - keep
 
     def end_of_turn_probability(self, tokens: list[int], after: int) -> float:
-        """P(the next token is `after`) once `tokens` are evaluated (worker thread): with
-        `tokens` a prompt that ends with the user's words and `after` the token the chat
-        template closes a user turn with, how sure the model is that the user is done (as
-        LiveKit's text end-of-utterance model reads its own model). The evaluated tokens
-        stay in the KV cache: the reply's prompt starts with them."""
+        """P(the user's turn ends within the next two tokens) once `tokens` are evaluated
+        (worker thread): with `tokens` a prompt that ends with the user's words and `after`
+        the token the chat template closes a user turn with, how sure the model is that the
+        user is done (as LiveKit's text end-of-utterance model reads its own model).
+
+        A transcript often lacks its final punctuation, after which a chat model almost
+        never ends a turn; so this is P(`after`) plus, for each sentence end mark `p` the
+        model finds likely next, P(`p`) x P(`after` | `p`). The evaluated prompt stays in
+        the KV cache: the reply's prompt starts with it."""
         llama = self.llama
         keep = Llama.longest_token_prefix(llama._input_ids.tolist(), tokens)
         llama.n_tokens = min(keep, len(tokens) - 1)  # the last one gives the logits
         llama.eval(tokens[llama.n_tokens :])
+        probs = self._next_token_probabilities()
+        total = float(probs[after])
+        end = len(tokens)
+        for mark in self._sentence_marks():
+            if probs[mark] < _MARK_WORTH_PROBING:
+                continue
+            llama.eval([mark])
+            total += float(probs[mark]) * float(self._next_token_probabilities()[after])
+            llama.n_tokens = end  # the mark leaves the cache at the next evaluation
+        return min(1.0, total)
+
+    def _next_token_probabilities(self) -> NDArray[np.float64]:
         # llama-cpp-python keeps no logits unless every token's are kept: read the context's
+        llama = self.llama
         row = llama_cpp.llama_get_logits_ith(llama.ctx, -1)
         logits = np.ctypeslib.as_array(row, shape=(llama.n_vocab(),)).astype(np.float64)
         logits -= logits.max()
         weights = np.exp(logits)
-        return float(weights[after] / weights.sum())
+        return weights / weights.sum()
+
+    def _sentence_marks(self) -> list[int]:
+        """The single tokens that end a sentence: ".", "?" or "!", alone or with the line
+        breaks a model writes after them (cached)."""
+        if self._marks is None:
+            marks = set()
+            for mark in (".", "?", "!"):
+                for tail in ("", "\n", "\n\n"):
+                    ids = self.llama.tokenize((mark + tail).encode(), add_bos=False, special=False)
+                    if len(ids) == 1:
+                        marks.add(ids[0])
+            self._marks = sorted(marks)
+        return self._marks
 
     def speculate(
         self, tokens: list[int], stop: list[str], *, temperature: float, words: int

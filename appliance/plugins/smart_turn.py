@@ -45,7 +45,8 @@ from livekit.agents.metrics import EOTInferenceMetrics
 from livekit.agents.metrics.base import Metadata
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, APIConnectOptions
 
-from .turn_text import TurnText, decide
+from .. import trace
+from .turn_text import TurnText, decide, settle
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -163,9 +164,15 @@ class WordsJudge:
     unfinished_below: float
     finished_above: float
     timeout: float = 0.5
+    unsure_wait: float = 1.0
+    """Seconds after the request to wait when the audio model and the words disagree or
+    the words are unsure, before `settle` decides (with the words heard by then)."""
 
-    def decide(self, audio: float, text: float | None) -> float:
-        return decide(audio, text, self.unfinished_below, self.finished_above)
+    def decide(self, audio: float, text: float | None) -> float | None:
+        return decide(audio, text, self.unfinished_below, self.finished_above, UNLIKELY_THRESHOLD)
+
+    def settle(self, audio: float, text: float | None) -> float:
+        return settle(audio, text, self.unfinished_below, UNLIKELY_THRESHOLD)
 
 
 class _SmartTurnTransport:
@@ -330,16 +337,28 @@ class _SmartTurnTransport:
             if words is not None:
                 words.cancel()
             return
+        audio_prob, text_prob, text, waited = prob, None, None, False
         if words is not None and self._words is not None:
-            text_prob = await words
-            audio_prob, prob = prob, self._words.decide(prob, text_prob)
+            text_prob, text = await words, self._words.text.text
+            decided = self._words.decide(prob, text_prob)
+            if decided is None:
+                # the audio and the words disagree, or the words are unsure: rather than
+                # the max endpointing delay, wait a little, then settle on both
+                later = await self._unsure(request_id, requested_at, prob)
+                if later is None:
+                    return
+                decided, text_prob, text = *later, self._words.text.text
+                waited = True
+            prob = decided
             logger.debug(
-                "end of turn: audio %.3f, words %s -> %.3f (%r)",
+                "end of turn: audio %.3f, words %s -> %.3f%s (%r)",
                 audio_prob,
-                "none" if text_prob is None else f"{text_prob:.3f}",
+                "none" if text_prob is None else f"{text_prob:.3g}",
                 prob,
-                self._words.text.text,
+                " after a wait" if waited else "",
+                text,
             )
+        trace.decision(audio=audio_prob, words=text_prob, decided=prob, text=text, waited=waited)
         now = time.monotonic()
         inference_duration, delay = now - t0, now - requested_at
 
@@ -362,6 +381,20 @@ class _SmartTurnTransport:
                     metadata=Metadata(model_name=MODEL_NAME, model_provider=PROVIDER),
                 ),
             )
+
+    async def _unsure(
+        self, request_id: str, requested_at: float, audio: float
+    ) -> tuple[float, float | None] | None:
+        """The settled decision `unsure_wait` s after the request, and the words'
+        probability then; None when the request was superseded (the user spoke)."""
+        assert self._words is not None
+        await asyncio.sleep(max(0.0, requested_at + self._words.unsure_wait - time.monotonic()))
+        if not self._is_current(request_id):
+            return None
+        text_prob = await self._words.text.probability(self._words.timeout)
+        if not self._is_current(request_id):
+            return None
+        return self._words.settle(audio, text_prob), text_prob
 
 
 class SmartTurnStream(_BaseStreamingTurnDetectorStream):
@@ -391,6 +424,13 @@ class SmartTurnStream(_BaseStreamingTurnDetectorStream):
     @property
     def model(self) -> str:  # type: ignore[override]
         return MODEL_NAME
+
+    @property
+    def prediction_timeout(self) -> float:
+        """How long the session waits for a decision: longer than an unsure one takes."""
+        words = self._smart_transport._words
+        base = super().prediction_timeout
+        return base if words is None else base + words.unsure_wait + words.timeout
 
     def buffered_audio(self) -> NDArray[np.int16]:
         """The 16 kHz audio received since the last flush and already buffered (<= 8 s)."""

@@ -17,25 +17,62 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 
 logger = logging.getLogger("appliance.turn")
 
 Judge = Callable[[str], "asyncio.Future[float | None]"]
 
+FILLERS = frozenset({"um", "umm", "uh", "uhm", "er", "erm", "hmm"})
+"""Hesitation words: a turn whose words end with one is not finished, whatever the
+punctuation the STT put after it ("What colour is um?")."""
+
+
+def ends_with_filler(text: str) -> bool:
+    words = re.findall(r"[a-z']+", text.lower())
+    return bool(words) and words[-1] in FILLERS
+
+
+def without_end_mark(text: str) -> str:
+    """The words without the punctuation after the last one. Whisper ends what it heard
+    before a pause with a full stop as readily as a finished sentence ("I would like to
+    know."); the LLM judges whether a sentence would end there (the way LiveKit's text
+    turn model reads transcripts without punctuation)."""
+    return re.sub(r"[\s.,;:!?…]+$", "", text)
+
 
 def decide(
-    audio: float, text: float | None, unfinished_below: float, finished_above: float
-) -> float:
-    """The probability the session compares with its 0.5 threshold: the text's where it is
-    clear (below `unfinished_below`: hold; above `finished_above`: done), else the audio's."""
-    if text is None:
-        return audio
-    if text < unfinished_below:
-        return min(audio, text)
-    if text > finished_above:
+    audio: float,
+    text: float | None,
+    unfinished_below: float,
+    finished_above: float,
+    threshold: float = 0.5,
+) -> float | None:
+    """The probability the session compares with `threshold` (below: the user is not done,
+    wait up to the max endpointing delay), or None where the two signals disagree or the
+    words are unsure: then `settle` decides a little later. Done: the words are clearly
+    finished, or the audio model says so and the words do not say otherwise. Not done: the
+    audio model says so and the words are clearly unfinished."""
+    if text is not None and text > finished_above:
         return max(audio, text)
-    return audio
+    unfinished = text is not None and text < unfinished_below
+    if audio >= threshold and not unfinished:
+        return audio
+    if audio < threshold and unfinished:
+        assert text is not None
+        return min(audio, text)
+    return None
+
+
+def settle(
+    audio: float, text: float | None, unfinished_below: float, threshold: float = 0.5
+) -> float:
+    """The decision after the wait for an unclear one: not done only if both signals say
+    so (the words heard by then); otherwise done."""
+    if audio < threshold and text is not None and text < unfinished_below:
+        return min(audio, text)
+    return max(audio, text or 0.0, threshold)
 
 
 def _consume(future: asyncio.Future[float | None]) -> None:
@@ -83,8 +120,12 @@ class TurnText:
             self._finals.append(text)
         if full and full != self._text:
             self._text = full
+            if ends_with_filler(full):
+                self._judgement = asyncio.get_running_loop().create_future()
+                self._judgement.set_result(0.0)
+                return
             try:
-                self._judgement = self._judge(full)
+                self._judgement = self._judge(without_end_mark(full))
             except Exception:
                 logger.exception("the text end-of-turn judgement could not start")
                 self._judgement = None
