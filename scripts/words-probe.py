@@ -74,9 +74,7 @@ async def probe(out: Path) -> None:
             values = [r[key] for r in rows if r["label"] == label]
             under = sum(v < below for v in values)
             print(f"{key:10} {label:10}: {under} of {len(values)} below {below}")
-    out.write_text(
-        json.dumps({"llm": config.models.llm, "texts": rows}, indent=1) + "\n"
-    )
+    out.write_text(json.dumps({"llm": config.models.llm, "texts": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
