@@ -245,7 +245,7 @@ def check_audio(config: Config) -> list[Check]:
                     "fail",
                     str(exc),
                     "plug the USB sound card in; install firmware/alsa/asound.conf and the "
-                    "udev rule (README, Kiosk); or set [audio] to a name from `appliance devices`",
+                    "udev rule (docs/kiosk.md); or set [audio] to a name from `appliance devices`",
                 )
             )
         else:

@@ -15,7 +15,7 @@
 #   --models-from DIR       import the models from DIR (a USB stick prepared with
 #                           `appliance models fetch --dir DIR`) instead of downloading
 #   --trust-on-first-use, --accept-licence ID
-#                           passed to `appliance models fetch/import` (see README, Models)
+#                           passed to `appliance models fetch/import` (see docs/models.md)
 #   --no-models             skip the models step
 #   --root DIR              install into DIR instead of / (image building, tests): no apt,
 #                           no starting of the service
@@ -93,7 +93,7 @@ detect_profile() {
 
 # A hash of the code that gets installed: a changed tree means an upgrade.
 source_hash() {
-  (cd "$SRC" && find appliance models pyproject.toml README.md -type f \
+  (cd "$SRC" && find appliance models pyproject.toml README.md docs -type f \
       ! -path '*/__pycache__/*' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-64)
 }
 
@@ -153,6 +153,8 @@ step_code() {
     run "install lgpio (gpiozero on the Pi 5) into $VENV" "$VENV/bin/pip" install -q lgpio==0.2.2.0
   fi
   run "install README.md into $OPT" install -D -m 0644 "$SRC/README.md" "$OPT/README.md"
+  run "install the guides (docs/) into $OPT/docs" \
+    sh -c "install -d -m 0755 '$OPT/docs' && install -m 0644 '$SRC'/docs/*.md '$OPT/docs/'"
   run "record the installed version" sh -c "echo '$want' > '$OPT/.source-hash'"
   CHANGED=1
 }
@@ -236,7 +238,7 @@ step_system_files() {
     ok "$asound"
   else
     echo "note: $asound exists and differs from firmware/alsa/asound.conf; left alone" \
-      "(the kiosk needs voice_in/voice_out, see README)" >&2
+      "(the kiosk needs voice_in/voice_out, see docs/kiosk.md)" >&2
   fi
 }
 

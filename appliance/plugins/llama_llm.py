@@ -159,7 +159,7 @@ class LocalLlama:
 
     def generation_threads(self, threads: int) -> None:
         """Threads for the tokens generated from now on (worker thread). Prompts keep
-        `threads`: two made push-to-talk no faster (bench/README.md, stop 20)."""
+        `threads`: two made push-to-talk no faster (bench/README.md, commit e64265e)."""
         if self.llama.n_threads != threads:
             self.llama.n_threads = threads
             llama_cpp.llama_set_n_threads(self.llama.ctx, threads, self.threads)

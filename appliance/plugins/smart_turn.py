@@ -68,7 +68,7 @@ EARLY_BELOW = 0.9
 """Silero's speech probability under which a window after speech starts the early
 prediction (at or above: speech, which drops it). Silero falls below 0.9 30-50 ms before
 it falls below its 0.5 threshold; the model running in that gap gained 22-33 ms of
-voice-to-voice p50 on the 2-core bench machine (bench/README.md, stop 18)."""
+voice-to-voice p50 on the 2-core bench machine (bench/README.md, commit f4cdff1)."""
 
 _NORM_EPS = 1e-7
 _MAX_DRAIN_YIELDS = 20
