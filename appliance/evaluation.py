@@ -213,8 +213,8 @@ def _score(
     rec["hold"] = first is None or first - end > HOLD_S
     until = first if first is not None else end + TURN_TIMEOUT_S
     rec["turn_decisions"] = [
-        {"at_ms": _ms(d.pop("t") - origin - end), **d}  # type: ignore[operator]
-        for d in trace.decisions_between(origin + start, origin + until)
+        {"at_ms": _ms(t - origin - end), **fields}
+        for t, fields in trace.decisions_between(origin + start, origin + until)
     ]
     rec["right"] = graded(rec["reply"], turn)
     rec["wer"] = word_error_rate(turn.text, rec["heard"])

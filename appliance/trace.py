@@ -24,9 +24,9 @@ def decision(**fields: object) -> None:
     DECISIONS.append((time.monotonic(), fields))
 
 
-def decisions_between(start: float, end: float) -> list[dict[str, object]]:
+def decisions_between(start: float, end: float) -> list[tuple[float, dict[str, object]]]:
     """The end-of-turn decisions made in [start, end] (monotonic), oldest first."""
-    return [{"t": t, **fields} for t, fields in DECISIONS if start <= t <= end]
+    return [(t, fields) for t, fields in DECISIONS if start <= t <= end]
 
 
 def last_before(name: str, t: float, after: float = float("-inf")) -> float | None:

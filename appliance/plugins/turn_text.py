@@ -56,12 +56,10 @@ def decide(
     audio model says so and the words are clearly unfinished."""
     if text is not None and text > finished_above:
         return max(audio, text)
-    unfinished = text is not None and text < unfinished_below
-    if audio >= threshold and not unfinished:
+    if audio >= threshold and not _unfinished(text, unfinished_below):
         return audio
-    if audio < threshold and unfinished:
-        assert text is not None
-        return min(audio, text)
+    if audio < threshold and _unfinished(text, unfinished_below):
+        return settle(audio, text, unfinished_below, threshold)  # both say not done
     return None
 
 
@@ -70,9 +68,14 @@ def settle(
 ) -> float:
     """The decision after the wait for an unclear one: not done only if both signals say
     so (the words heard by then); otherwise done."""
-    if audio < threshold and text is not None and text < unfinished_below:
+    if audio < threshold and text is not None and _unfinished(text, unfinished_below):
         return min(audio, text)
     return max(audio, text or 0.0, threshold)
+
+
+def _unfinished(text: float | None, unfinished_below: float) -> bool:
+    """The words clearly say the user is not done."""
+    return text is not None and text < unfinished_below
 
 
 def _consume(future: asyncio.Future[float | None]) -> None:
