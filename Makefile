@@ -11,30 +11,30 @@ demo: install
 	$(BIN)/appliance converse --out reply.wav --transcript conversation.json
 
 lint: install
-	$(BIN)/ruff check appliance tests
-	$(BIN)/ruff format --check appliance tests
+	$(BIN)/ruff check appliance bench tests scripts
+	$(BIN)/ruff format --check appliance bench tests
 	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest -q
 
 bench: install
-	$(BIN)/appliance bench --json bench/results.json --chart bench/latency.png
+	$(BIN)/python -m bench latency --json bench/results.json --chart bench/latency.png
 
 eval: install
-	$(BIN)/appliance eval --json bench/eval-results.json
+	$(BIN)/python -m bench eval --json bench/eval-results.json
 
 bench-audio: install
-	$(BIN)/appliance bench-audio --json bench/usbaudio.json
+	$(BIN)/python -m bench audio --json bench/usbaudio.json
 
 bench-ptt: install
-	$(BIN)/appliance bench-ptt --json bench/ptt.json
+	$(BIN)/python -m bench ptt --json bench/ptt.json
 
 bench-barge-in: install
-	$(BIN)/appliance bench-barge-in --json bench/barge-in.json
+	$(BIN)/python -m bench barge-in --json bench/barge-in.json
 
 bench-sip: install
-	$(BIN)/appliance bench-sip --json bench/sip.json
+	$(BIN)/python -m bench sip --json bench/sip.json
 
 clean:
 	rm -rf $(VENV) reply.wav conversation.json .pytest_cache .mypy_cache .ruff_cache

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import string
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,8 +24,8 @@ from pydantic import (
     model_validator,
 )
 
-from . import manifest as manifest_mod
-from .manifest import tomllib
+from appliance.store import manifest as manifest_mod
+from appliance.store.manifest import tomllib
 
 DEFAULT_PROFILE = "x86-dev"
 # [models] keys a profile may not set through its `settings` (it names models directly).
@@ -464,3 +465,12 @@ def load(path: str | Path | None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse(data, str(path))
+
+
+def load_or_exit(path: str | None) -> Config:
+    """`load`, or print the error and exit with EX_CONFIG (78): for command lines."""
+    try:
+        return load(path)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(78) from None

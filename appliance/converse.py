@@ -19,10 +19,10 @@ import numpy as np
 from livekit.agents import AgentSession, llm
 from livekit.agents.voice.transcription.synchronizer import TranscriptSynchronizer
 
-from .config import Config
-from .fileaudio import Clock, RecordingAudioOutput, WavAudioInput, read_audio, write_wav
-from .modelset import ModelSet
-from .session import ApplianceAgent, build_session, connect_audio, end_session
+from appliance.audio.files import Clock, RecordingAudioOutput, WavAudioInput, read_audio, write_wav
+from appliance.config import Config
+from appliance.session.builder import ApplianceAgent, build_session, connect_audio, end_session
+from appliance.session.modelset import ModelSet
 
 logger = logging.getLogger("appliance.converse")
 

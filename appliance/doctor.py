@@ -19,12 +19,12 @@ from pathlib import Path
 
 import psutil
 
-from . import models as store
-from .config import Config
-from .manifest import load as load_manifest
-from .native import selftest
-from .native.build import cpu_flags
-from .native.selftest import llama_features, llama_fix
+from appliance.config import Config
+from appliance.native import selftest
+from appliance.native.build import cpu_flags
+from appliance.native.selftest import llama_features, llama_fix
+from appliance.store import disk as store
+from appliance.store.manifest import load as load_manifest
 
 SELFTEST_TIMEOUT = 60.0
 # llama.cpp build feature -> the /proc/cpuinfo flag the CPU needs for it
@@ -225,7 +225,7 @@ def check_audio(config: Config) -> list[Check]:
     ).result(SELFTEST_TIMEOUT)
     if not probe.ok:
         return [Check("portaudio", "fail", f"device listing: {probe.detail}", probe.fix)]
-    from .usbaudio import AudioDeviceError, find_device, list_devices
+    from appliance.usb.audio import AudioDeviceError, find_device, list_devices
 
     try:
         devices = list_devices()

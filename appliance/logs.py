@@ -11,7 +11,7 @@ import contextvars
 import logging
 import sys
 
-from .systemd import RECORD_FIELDS, JournalHandler, stderr_is_journal
+from appliance.systemd import RECORD_FIELDS, JournalHandler, stderr_is_journal
 
 SESSION: contextvars.ContextVar[str | None] = contextvars.ContextVar("session", default=None)
 CALL_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("call_id", default=None)

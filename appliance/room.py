@@ -42,14 +42,14 @@ from livekit.agents.voice import room_io
 from livekit.agents.voice.room_io.types import NoiseCancellationParams
 from livekit.agents.voice.transcription.synchronizer import TranscriptSynchronizer
 
-from .config import Config, ConfigError, LivekitConfig
-from .fileaudio import mono16
-from .liveio import LiveInput, Playout
-from .session import TextSink, connect_audio
+from appliance.audio.live import LiveInput, Playout
+from appliance.audio.pcm import SESSION_RATE, mono16
+from appliance.config import Config, ConfigError, LivekitConfig
+from appliance.session.builder import TextSink, connect_audio
 
 logger = logging.getLogger("appliance.room")
 PROCESSED = "appliance.audio_processed"  # attribute: the track is already echo-cancelled
-SESSION_RATE = 16000
+
 RETRY_MIN_S = 1.0
 MIX_MAX_S = 0.5  # audio buffered per remote track before the oldest is dropped
 Kind = Literal["sip", "standard"]

@@ -23,19 +23,19 @@ import logging
 import signal
 from typing import TYPE_CHECKING, Any
 
-from . import config as config_mod
-from . import models as store
-from .events import Conversation, EventHub
-from .metrics import Metrics
-from .systemd import Notifier
+from appliance import config as config_mod
+from appliance.observe.events import Conversation, EventHub
+from appliance.observe.metrics import Metrics
+from appliance.store import disk as store
+from appliance.systemd import Notifier
 
 if TYPE_CHECKING:
     from aiohttp import web
     from livekit.agents import AgentSession
 
-    from .modelset import ModelSet
-    from .ptt import PushToTalk, StatusLed
-    from .sip.ua import Call
+    from appliance.ptt.buttons import PushToTalk, StatusLed
+    from appliance.session.modelset import ModelSet
+    from appliance.sip.ua import Call
 
 logger = logging.getLogger("appliance.service")
 
@@ -188,7 +188,7 @@ class Service:
 
     async def _serve_http(self, ptt: PushToTalk | None) -> web.AppRunner:
         """The kiosk page, the events stream and /metrics (raises OSError, ConfigError)."""
-        from . import web as web_mod
+        from appliance.observe import web as web_mod
 
         h = self.config.http
         token = h.secret()
@@ -199,7 +199,7 @@ class Service:
         return runner
 
     def _start_bridges(self, models: ModelSet, ptt: PushToTalk | None) -> None:
-        from .kiosk import serve_usb
+        from appliance.usb.kiosk import serve_usb
 
         assert self._stop is not None
         if self.config.audio.enabled:
@@ -216,7 +216,7 @@ class Service:
                 name="usb kiosk",
             )
         if self.config.sip.enabled:
-            from .sip.bridge import serve_sip
+            from appliance.sip.bridge import serve_sip
 
             self.sip_ready = asyncio.get_running_loop().create_future()
             self.bridges["sip"] = asyncio.create_task(
@@ -278,7 +278,7 @@ class Service:
         With `turn_detection = "manual"` and no button, the kiosk page's on-screen button
         (and the events API) drive the turns.
         """
-        from .ptt import ButtonError, PushToTalk, make_led, serve_button
+        from appliance.ptt.buttons import ButtonError, PushToTalk, make_led, serve_button
 
         cfg = self.config.ptt
         if self.config.turn_detection != "manual":
@@ -404,7 +404,7 @@ class Service:
 
 
 def _load_models(config: config_mod.Config) -> ModelSet:
-    from .modelset import ModelSet
+    from appliance.session.modelset import ModelSet
 
     models = ModelSet(config)
     models.warm()

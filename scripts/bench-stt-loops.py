@@ -13,10 +13,10 @@ import warnings
 import numpy as np
 
 from appliance import config as config_mod
-from appliance.bench import QUESTIONS
-from appliance.fileaudio import resample
-from appliance.modelset import ModelSet
-from appliance.plugins import whisper_stt
+from appliance.audio.pcm import resample
+from appliance.plugins.whisper import stt as whisper_stt
+from appliance.session.modelset import ModelSet
+from bench.latency import QUESTIONS
 
 warnings.filterwarnings("ignore")
 BEFORE = 9600  # the 0.6 s of audio the STT keeps before speech starts

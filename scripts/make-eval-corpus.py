@@ -236,14 +236,14 @@ PREFIX = {"question": "q", "arithmetic": "a", "short_answer": "s", "statement": 
 
 
 def tuned_on() -> set[str]:
-    """The questions `appliance bench` asks (read from appliance/bench.py, not imported)."""
-    tree = ast.parse((ROOT / "appliance" / "bench.py").read_text())
+    """The questions the latency benchmark asks (read from bench/latency.py, not imported)."""
+    tree = ast.parse((ROOT / "bench" / "latency.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
             isinstance(t, ast.Name) and t.id == "QUESTIONS" for t in node.targets
         ):
             return {str(s) for s in ast.literal_eval(node.value)}
-    raise SystemExit("appliance/bench.py: no QUESTIONS")
+    raise SystemExit("bench/latency.py: no QUESTIONS")
 
 
 # --- audio ------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""Print a Markdown table of `appliance eval` results, one row per configuration.
+"""Print a Markdown table of `python -m bench eval` results, one row per configuration.
 
     .venv/bin/python scripts/quality-table.py bench/eval-results.json bench/quality/eval-*.json
 
-Each JSON file is what `appliance eval --json` wrote; every configuration in it (appliance,
+Each JSON file is what `python -m bench eval --json` wrote; every configuration in it (appliance,
 stock) gives a row, named after the file's `--config` (or "default") and the
 configuration.
 """

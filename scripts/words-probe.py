@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 from livekit.agents import llm  # noqa: E402
 
 from appliance.config import load  # noqa: E402
-from appliance.modelset import ModelSet  # noqa: E402
 from appliance.plugins.turn_text import without_end_mark  # noqa: E402
+from appliance.session.modelset import ModelSet  # noqa: E402
 
 
 def corpus_sentences() -> tuple[list[str], list[str]]:

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from appliance import audiosim, manifest
 from appliance import config as config_mod
-from appliance import models as store
-from appliance.fileaudio import resample
+from appliance.audio.pcm import resample
+from appliance.store import disk as store
+from appliance.store import manifest
+from bench import room_sim as audiosim
 
 MODELS_DIR = store.models_dir()
 
@@ -36,7 +37,7 @@ def transcribed_as(expected: str, transcript: str) -> bool:
     stand for (Whisper writes "you are" as "you're" nine times in ten). Garbage or
     silence still fails.
     """
-    from appliance.bench import word_error_rate
+    from bench.latency import word_error_rate
 
     def expand(text: str) -> str:
         return _CONTRACTION_RE.sub(lambda m: _CONTRACTIONS[m.group(1)], text.lower())
@@ -53,7 +54,7 @@ def model_file(model_id: str, suffix: str) -> Path:
 @pytest.fixture(scope="session")
 def models() -> Iterator[object]:
     """One model set for the whole run (both turn models loaded), as on the appliance."""
-    from appliance.modelset import ModelSet
+    from appliance.session.modelset import ModelSet
 
     cfg = config_mod.parse({"models": {"turn_model": "smart-turn/v3.2"}}, "<tests>")
     model_set = ModelSet(cfg)
@@ -71,7 +72,7 @@ def speak(models: object, tmp_path_factory: pytest.TempPathFactory):  # type: ig
     rendering in twenty of "capital of France" as "capital of friends"). The appliance's
     own speech keeps the voice's variation.
     """
-    from appliance.plugins.piper_tts import PiperVoice
+    from appliance.plugins.piper.tts import PiperVoice
 
     model_id = models.config.models.tts  # type: ignore[attr-defined]
     config = json.loads(model_file(model_id, ".onnx.json").read_text(encoding="utf-8"))
@@ -89,7 +90,7 @@ def speak(models: object, tmp_path_factory: pytest.TempPathFactory):  # type: ig
 
 def espeak(text: str, tmp_path: Path) -> np.ndarray:
     """Robotic espeak-ng speech as int16 16 kHz (for tests that say they use it)."""
-    from appliance.fileaudio import read_audio
+    from appliance.audio.files import read_audio
 
     out = tmp_path / "espeak.wav"
     subprocess.run(["espeak-ng", "-w", str(out), text], check=True)

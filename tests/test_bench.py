@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from appliance import trace
-from appliance.bench import word_error_rate
+from appliance.observe import trace
+from bench.latency import word_error_rate
 
 
 def test_the_critical_path_follows_the_reply_that_was_heard(
@@ -58,7 +58,7 @@ def test_talking_over_the_agent_stops_it_and_the_measure_sees_where(
     """The default session: the phrase pauses the announcement, and its words end it.
     The reaction time itself is the benchmark's figure, not asserted here."""
     from appliance import config as config_mod
-    from appliance.bench_barge_in import barge_in_once
+    from bench.barge_in import barge_in_once
 
     config = config_mod.parse({}, "<defaults>")
     phrase = "Wait, stop please."

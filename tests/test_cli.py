@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from appliance.fileaudio import read_audio
+from appliance.audio.files import read_audio
 
 APPLIANCE = [sys.executable, "-m", "appliance"]
 
@@ -65,8 +65,8 @@ def test_models_list_and_verify_json() -> None:
 
 def test_a_corrupt_model_stops_start_up_naming_the_file(tmp_path: Path) -> None:
     """The installed models, linked into a new directory, with one file corrupted."""
-    from appliance import manifest
-    from appliance import models as store
+    from appliance.store import disk as store
+    from appliance.store import manifest
 
     installed, root = store.models_dir(), tmp_path / "models"
     for path in installed.rglob("*"):
@@ -89,7 +89,7 @@ def test_a_corrupt_model_stops_start_up_naming_the_file(tmp_path: Path) -> None:
 
 def test_the_daemon_switches_the_hub_libraries_offline() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
-    code = "import os, appliance.modelset; print(os.environ['HF_HUB_OFFLINE'])"
+    code = "import os, appliance.session.modelset; print(os.environ['HF_HUB_OFFLINE'])"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
@@ -121,7 +121,7 @@ why = { stt = "a", llm = "b", tts = "c", vad = "d", turn = "e" }
     assert "smart-turn/v3.2" in ids and "livekit/turn-detector-v1-mini" not in ids
 
     code = (
-        "import sys; from appliance import config, modelset; "
+        "import sys; from appliance import config; from appliance.session import modelset; "
         "m = modelset.ModelSet(config.load(sys.argv[1])); "
         "print(m.config.models.threads, m.config.models.llm_max_tokens, m.smart_turn is not None)"
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from appliance import config as config_mod
-from appliance.session import tool_choice, turn_handling
+from appliance.session.builder import tool_choice, turn_handling
 
 # The AgentSession reference's documented defaults.
 REFERENCE_DEFAULTS = {
@@ -167,7 +167,7 @@ def test_session_options_reach_agentsession_without_deprecation(models, caplog) 
     """The built session carries the config's values, and no deprecation is logged."""
     import asyncio
 
-    from appliance.session import build_session
+    from appliance.session.builder import build_session
 
     cfg = config_mod.parse(
         {"session": {"min_endpointing_delay": 0.7, "min_interruption_words": 3}}, "<test>"

@@ -19,10 +19,11 @@ import pytest
 from livekit.agents import AgentSession
 
 from appliance import config as config_mod
+from appliance.audio.files import RecordingAudioOutput, WavAudioInput
+from appliance.audio.pcm import resample
 from appliance.converse import converse, history_items, wire
-from appliance.fileaudio import RecordingAudioOutput, WavAudioInput, resample
-from appliance.plugins.whisper_stt import transcribe
-from appliance.session import ApplianceAgent, build_session
+from appliance.plugins.whisper.stt import transcribe
+from appliance.session.builder import ApplianceAgent, build_session
 
 from .conftest import transcribed_as
 
@@ -277,7 +278,7 @@ def test_reference_methods_and_state(models: Any, caplog: Any) -> None:
             states = {e.new_state for e in ev.of("agent_state_changed")}
             assert {"thinking", "speaking", "listening"} <= states
             with caplog.at_level(logging.INFO, logger="appliance.session"):
-                from appliance.session import end_session
+                from appliance.session.builder import end_session
 
                 end_session(session, "test finished")
                 await wait_for(lambda: bool(ev.of("close")), 20)

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from appliance.audiosim import file_pcms
 from appliance.doctor import check_cpu
 from appliance.native.selftest import llama_fix
+from bench.room_sim import file_pcms
 
 
 def doctor(tmp_path: Path, config: str, env: dict[str, str]) -> tuple[int, dict[str, dict]]:

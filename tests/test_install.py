@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import models as store
+from appliance.store import disk as store
 
 REPO = Path(__file__).parent.parent
 INSTALL = REPO / "scripts" / "install.sh"

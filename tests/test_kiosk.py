@@ -1,6 +1,6 @@
 """The kiosk in real time: a PulseAudio server with pipe source/sink stands in for the room.
 
-`appliance.audiosim.Room` starts `pulseaudio` with `module-pipe-sink` (the speaker, clocked
+`bench.room_sim.Room` starts `pulseaudio` with `module-pipe-sink` (the speaker, clocked
 by the system clock) and `module-pipe-source` (the microphone); the bridge reaches them
 through ALSA's pulse plugin under the names voice_in/voice_out, so the whole PortAudio path
 is real and paced. The room's thread reads what the speaker plays and writes the microphone
@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from appliance import audiosim
 from appliance import config as config_mod
-from appliance.audiosim import Room
-from appliance.kiosk import serve_usb
-from appliance.usbaudio import UsbAudio
+from appliance.usb.audio import UsbAudio
+from appliance.usb.kiosk import serve_usb
+from bench import room_sim as audiosim
+from bench.room_sim import Room
 
 from .conftest import transcribed_as
 

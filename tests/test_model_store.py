@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from appliance import manifest as manifest_mod
-from appliance import models as store
-from appliance.download import DownloadError
+from appliance.store import disk as store
+from appliance.store import manifest as manifest_mod
+from appliance.store.download import DownloadError
 
 
 @dataclass

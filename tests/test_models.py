@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from appliance import config as config_mod
-from appliance import manifest as manifest_mod
-from appliance import models as store
+from appliance.store import disk as store
+from appliance.store import manifest as manifest_mod
 
 
 def test_every_downloadable_entry_is_pinned_sized_licensed_and_digested() -> None:

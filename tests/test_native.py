@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import models as store
 from appliance.native import build, selftest
 from appliance.native.selftest import Pending
+from appliance.store import disk as store
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from appliance import manifest
-from appliance.plugins import piper_tts
-from appliance.plugins.piper_tts import (
+from appliance.plugins.piper import tts as piper_tts
+from appliance.plugins.piper.tts import (
     FIRST_PIECE_FRAMES,
     RENDERED_KEEP,
     VOCODER_CONTEXT,
@@ -29,6 +28,7 @@ from appliance.plugins.piper_tts import (
     split_voice,
 )
 from appliance.plugins.priority import Priority
+from appliance.store import manifest
 
 from .conftest import model_file
 
@@ -175,7 +175,7 @@ def test_import_does_not_pull_gpl_piper() -> None:
     code = textwrap.dedent(
         """
         import sys
-        import appliance.plugins.piper_tts
+        import appliance.plugins.piper.tts
         bad = [m for m in sys.modules if m.startswith("piper")]
         print(bad)
         assert not bad, bad
@@ -186,7 +186,7 @@ def test_import_does_not_pull_gpl_piper() -> None:
 
 
 def test_replies_are_cut_into_clauses_and_a_short_first_chunk() -> None:
-    from appliance.plugins.piper_tts import ClauseTokenizer, split_clauses, split_first_words
+    from appliance.plugins.piper.tts import ClauseTokenizer, split_clauses, split_first_words
 
     text = "Dr. Smith is in, and 3.5 is a number; yes. Done"
     assert [c for c, _, _ in split_clauses(text)] == [

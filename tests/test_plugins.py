@@ -12,8 +12,7 @@ import pytest
 from livekit import rtc
 from livekit.agents import llm, stt, vad
 
-from appliance import manifest
-from appliance.plugins.llama_llm import (
+from appliance.plugins.llama.llm import (
     LlamaLLM,
     _arguments_as_objects,
     _call_or_text,
@@ -22,7 +21,8 @@ from appliance.plugins.llama_llm import (
 )
 from appliance.plugins.priority import Priority
 from appliance.plugins.shared_vad import SharedVAD
-from appliance.plugins.whisper_stt import WhisperSTT
+from appliance.plugins.whisper.stt import WhisperSTT
+from appliance.store import manifest
 
 from .conftest import model_file, transcribed_as
 
@@ -274,7 +274,7 @@ def test_the_next_questions_prompt_start_is_prefilled_but_not_over_another_promp
 
 
 def test_llm_forced_tool_choice_gives_a_valid_call(models: Any) -> None:
-    from appliance.session import build_tools
+    from appliance.session.builder import build_tools
 
     async def main() -> list[llm.FunctionToolCall]:
         engine = models.llm({"type": "function", "function": {"name": "current_time"}})
@@ -477,7 +477,7 @@ def test_push_to_talk_transcribes_at_the_pause_and_the_release_finds_it_done(
 def test_whisper_in_a_fitted_window_and_in_the_full_one(
     models: Any, speak: Any, window: str, beam_size: int
 ) -> None:
-    from appliance.plugins.whisper_stt import transcribe
+    from appliance.plugins.whisper.stt import transcribe
 
     speech = speak("How many legs does a spider have?").astype(np.float32) / 32768
     text, confidence = transcribe(models.whisper, speech, "en", window=window, beam_size=beam_size)
@@ -494,7 +494,7 @@ def test_a_short_answer_is_heard_once_in_the_fitted_window(
     """tiny.en in a fitted window heard these (with the half second of silence the VAD
     leaves after them) as "Yes? Yes? Yes? ...": such a loop is transcribed again in the
     full window."""
-    from appliance.plugins.whisper_stt import _loops, transcribe
+    from appliance.plugins.whisper.stt import _loops, transcribe
 
     speech = np.concatenate([speak(answer), np.zeros(8000, np.int16)]).astype(np.float32)
     text, _confidence = transcribe(models.whisper, speech / 32768, "en")
@@ -505,7 +505,7 @@ def test_an_interim_that_loops_gives_no_words(models: Any, speak: Any) -> None:
     """Interims are not redone in the full window (that would delay the final): a looping
     one is dropped. This "No." loops in the fitted window (the test above fails without
     the redo)."""
-    from appliance.plugins.whisper_stt import transcribe
+    from appliance.plugins.whisper.stt import transcribe
 
     speech = np.concatenate([speak("No."), np.zeros(8000, np.int16)]).astype(np.float32)
     assert transcribe(models.whisper, speech / 32768, "en", redo_loops=False) == ("", 0.0)
@@ -520,7 +520,7 @@ def test_a_replys_first_words_are_generated_on_more_threads(
     its LLM on two threads throughout; a small model shows the switch.)"""
     import llama_cpp
 
-    from appliance.plugins.llama_llm import LocalLlama
+    from appliance.plugins.llama.llm import LocalLlama
 
     gguf = model_file("llama.cpp/smollm2-135m-instruct", ".gguf")
     local = LocalLlama(str(gguf), n_ctx=512, threads=1, first_threads=2)

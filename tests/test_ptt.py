@@ -22,9 +22,7 @@ import pytest
 from gpiozero.pins.mock import MockFactory
 
 from appliance import config as config_mod
-from appliance.audiosim import Room
-from appliance.kiosk import serve_usb
-from appliance.ptt import (
+from appliance.ptt.buttons import (
     Debouncer,
     EvdevButton,
     GpiodButton,
@@ -33,7 +31,9 @@ from appliance.ptt import (
     make_led,
     serve_button,
 )
-from appliance.usbaudio import UsbAudio
+from appliance.usb.audio import UsbAudio
+from appliance.usb.kiosk import serve_usb
+from bench.room_sim import Room
 
 from .conftest import transcribed_as
 

@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 from livekit import api, rtc
 
-from appliance import audiosim
 from appliance import room as room_mod
+from appliance.audio.live import LiveInput, Playout
 from appliance.config import ConfigError, LivekitConfig, parse
-from appliance.liveio import LiveInput, Playout
-from appliance.usbaudio import UsbAudio
+from appliance.usb.audio import UsbAudio
+from bench import room_sim as audiosim
 
 from .conftest import transcribed_as
 from .test_kiosk import ask, kiosk_config, rms, run_kiosk

@@ -3,7 +3,7 @@
 systemd is not running here, so the tests play its part: a real AF_UNIX datagram socket in
 `NOTIFY_SOCKET` receives what the daemon sends, `WATCHDOG_USEC` sets the ping interval,
 and signals are sent as systemctl would. The daemon runs for real (models, the USB bridge
-in the simulated PulseAudio room of `appliance.audiosim`).
+in the simulated PulseAudio room of `bench.room_sim`).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance import logs
-from appliance.audiosim import Room
 from appliance.config import Config
 from appliance.service import Service
 from appliance.systemd import JournalHandler, Notifier
+from bench.room_sim import Room
 
 UNIT = Path(__file__).parent.parent / "systemd" / "appliance.service"
 LONG_GREETING = (

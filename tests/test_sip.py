@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from appliance import config as config_mod
-from appliance.events import Conversation
-from appliance.fileaudio import resample
+from appliance.audio.pcm import resample
+from appliance.observe.events import Conversation
 from appliance.service import Service
 from appliance.sip import g711, rtp
 from appliance.systemd import Notifier
@@ -240,7 +240,7 @@ def items(conv: Conversation) -> list[tuple[str, str]]:
 def test_a_call_asks_hears_the_answer_and_sends_dtmf(
     models: Any, speak: Callable[..., np.ndarray], tmp_path: Path
 ) -> None:
-    from appliance.plugins.whisper_stt import transcribe
+    from appliance.plugins.whisper.stt import transcribe
 
     port = free_udp_port()
     question = rtp_pcap(tmp_path / "question.pcap", speak("What is the capital of France?"))
@@ -626,7 +626,7 @@ def test_a_baresip_phone_talks_both_ways_and_sends_dtmf(
     (the sndfile module), DTMF keys typed on its console during the call."""
     import soundfile
 
-    from appliance.plugins.whisper_stt import transcribe
+    from appliance.plugins.whisper.stt import transcribe
 
     port, phone_port = free_udp_port(), free_udp_port()
     question = resample(speak("What is the capital of France?"), 16000, 8000)

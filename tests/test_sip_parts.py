@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from livekit import rtc
 
-from appliance.liveio import Playout, Rechunker
+from appliance.audio.live import Playout, Rechunker
 from appliance.sip import digest, g711, rtp, sdp
 from appliance.sip.message import MAX_MESSAGE, SipError, parse, parse_address, parse_uri, response
 

@@ -18,7 +18,7 @@ import pytest
 from livekit import rtc
 from livekit.agents.language import LanguageCode
 
-from appliance.plugins.smart_turn import (
+from appliance.plugins.smart_turn.detector import (
     MODEL_NAME,
     PROVIDER,
     SmartTurnDetector,

@@ -19,11 +19,11 @@ import pytest
 from livekit.agents import llm
 
 from appliance import config as config_mod
+from appliance.audio.files import write_wav
 from appliance.converse import converse
-from appliance.evaluation import Item, Turn, graded, load_corpus, run_item
-from appliance.fileaudio import write_wav
 from appliance.plugins.turn_text import TurnText, decide, ends_with_filler, settle
-from appliance.session import build_session
+from appliance.session.builder import build_session
+from bench.evaluation import Item, Turn, graded, load_corpus, run_item
 
 from .conftest import transcribed_as
 
@@ -78,7 +78,7 @@ def test_an_unfinished_sentence_with_a_pause_is_one_turn(
     assert not turn["premature"], turn  # no agent audio before the user's last word
     assert turn["user_turns"] == 1, turn
     assert transcribed_as(item.turns[0].text, turn["heard"]), turn
-    assert turn["reply"].strip(), turn  # (how soon depends on the LLM: `appliance eval`)
+    assert turn["reply"].strip(), turn  # (how soon depends on the LLM: `make eval`)
 
 
 def test_a_follow_up_is_answered_from_the_conversation(
@@ -221,7 +221,7 @@ def test_appliance_eval_prints_the_figures_and_writes_every_turn(tmp_path: Path)
         [
             sys.executable,
             "-m",
-            "appliance",
+            "bench",
             "eval",
             "--corpus",
             str(small),
@@ -233,6 +233,7 @@ def test_appliance_eval_prints_the_figures_and_writes_every_turn(tmp_path: Path)
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr
     assert "answers right" in done.stdout and "response p50" in done.stdout

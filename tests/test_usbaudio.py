@@ -16,8 +16,8 @@ import pytest
 from livekit import rtc
 
 from appliance import config as config_mod
-from appliance.audiosim import file_pcms
-from appliance.usbaudio import UsbAudio, find_device, list_devices
+from appliance.usb.audio import UsbAudio, find_device, list_devices
+from bench.room_sim import file_pcms
 
 FIRMWARE_ALSA = Path(__file__).parent.parent / "firmware" / "alsa" / "asound.conf"
 

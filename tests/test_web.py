@@ -26,13 +26,13 @@ import numpy as np
 import pytest
 
 from appliance import config as config_mod
-from appliance.audiosim import Room
-from appliance.events import EventHub
-from appliance.metrics import Metrics
-from appliance.ptt import PushToTalk
+from appliance.observe.events import EventHub
+from appliance.observe.metrics import Metrics
+from appliance.observe.web import MAX_MESSAGE, make_app, serve
+from appliance.ptt.buttons import PushToTalk
 from appliance.service import Service
 from appliance.systemd import Notifier
-from appliance.web import MAX_MESSAGE, make_app, serve
+from bench.room_sim import Room
 
 from .conftest import transcribed_as
 

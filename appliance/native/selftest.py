@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .build import rebuild_command
+from appliance.native.build import rebuild_command
 
 LLAMA_TIMEOUT = 30.0  # a 1.5B model's first decode from an SD card is a few seconds
 PROMPT = b"The capital of France is"
@@ -148,7 +148,7 @@ def _child_ctranslate2(model_dir: str) -> str:
     with tempfile.TemporaryFile("w+") as log:
         os.dup2(log.fileno(), 2)
         try:
-            from ..plugins.whisper_stt import load_model, transcribe
+            from appliance.plugins.whisper.stt import load_model, transcribe
 
             model = load_model(model_dir, threads=1)
         finally:
@@ -197,14 +197,14 @@ def _child_onnxruntime(voice: str, turn: str = "") -> str:
     import numpy as np
     import onnxruntime
 
-    from ..plugins.piper_tts import PiperVoice
-    from .build import cpu_flags
+    from appliance.native.build import cpu_flags
+    from appliance.plugins.piper.tts import PiperVoice
 
     piper = PiperVoice(Path(voice), Path(voice + ".json"), threads=1)
     audio = piper.synthesize("Ready.")
     done = f"Piper rendered {len(audio) / piper.sample_rate:.1f} s of speech"
     if turn:  # int8: MLAS's quantized kernels
-        from ..plugins.smart_turn import SmartTurnModel
+        from appliance.plugins.smart_turn.detector import SmartTurnModel
 
         SmartTurnModel(Path(turn), threads=1).predict(np.zeros(16000, np.int16))
         done += ", smart-turn ran"
@@ -215,7 +215,7 @@ def _child_onnxruntime(voice: str, turn: str = "") -> str:
 
 
 def _child_portaudio() -> str:
-    from ..usbaudio import _pyaudio, list_devices
+    from appliance.usb.audio import _pyaudio, list_devices
 
     devices = list_devices()
     version = _pyaudio().get_portaudio_version_text()

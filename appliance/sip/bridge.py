@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -24,27 +23,24 @@ import numpy as np
 from livekit import rtc
 from livekit.agents import AgentSession, RunContext, function_tool
 
-from .. import logs
-from ..config import Config, ConfigError, PttConfig
-from ..events import Conversation
-from ..liveio import LiveInput, Playout, Rechunker
-from ..modelset import ModelSet
-from ..room import caller_person, conversation_bridge
-from ..session import (
+from appliance import logs
+from appliance.audio.live import LiveInput, Playout, Rechunker
+from appliance.audio.pcm import SESSION_RATE
+from appliance.config import Config, ConfigError, PttConfig
+from appliance.observe.events import Conversation as ConversationInfo
+from appliance.room import caller_person
+from appliance.session.builder import (
     ApplianceAgent,
-    TextSink,
-    build_session,
-    end_session,
-    log_conversation,
 )
-from .rtp import RATE
-from .ua import Call, UserAgent, read_users
+from appliance.session.conversation import Conversation, drain
+from appliance.session.modelset import ModelSet
+from appliance.sip.rtp import RATE
+from appliance.sip.ua import Call, UserAgent, read_users
 
 logger = logging.getLogger("appliance.sip")
-SESSION_RATE = 16000
+
 BLOCK = SESSION_RATE // 100
 NETWORK_LATENCY_S = 0.06  # our packet to the caller's ear: network and their jitter buffer
-_numbers = itertools.count(1)
 
 
 class CallAudioInput(LiveInput):
@@ -149,11 +145,9 @@ async def serve_call(
     call: Call,
     config: Config,
     models: ModelSet,
-    on_session: Callable[[Conversation], object] | None = None,
+    on_session: Callable[[ConversationInfo], object] | None = None,
 ) -> None:
     """The conversation of one answered call, until either side hangs up."""
-    sid = f"sip-{next(_numbers)}"
-    logs.SESSION.set(sid)
     logs.CALL_ID.set(call.call_id)
     info: dict[str, Any] = {
         "call_id": call.call_id,
@@ -165,50 +159,36 @@ async def serve_call(
         "dtmf": [],
     }
     config = phone_config(config)
-    session = build_session(config, models, userdata={"call": info})
     mic = CallAudioInput(f"sip-in:{call.call_id}")
     speaker = CallAudioOutput(f"sip-out:{call.call_id}")
-    text = TextSink()
-    bridge = conversation_bridge(
+    conversation = Conversation(
         config,
-        session,
-        mic,
-        speaker,
-        text,
+        models,
         source="sip",
-        sid=sid,
+        mic=mic,
+        speaker=speaker,
         person=caller_person(info),
+        session_options={"userdata": {"call": info}},
         call_id=call.call_id,
         number=call.number,
     )
-    dtmf = DtmfCollector(session, info["dtmf"], config.sip.dtmf_timeout)
+    dtmf = DtmfCollector(conversation.session, info["dtmf"], config.sip.dtmf_timeout)
     call.on_audio, call.source, call.on_dtmf = mic.push, speaker.pull, dtmf.digit
-    closed = asyncio.Event()
-    session.on("close", lambda _: closed.set())
-    call.on_end = lambda reason: closed.set()
-    log_conversation(session)
+    call.on_end = lambda reason: conversation.closed.set()
     targets = config.sip.transfer_targets
     tools = [_transfer_tool(call, targets)] if targets else []
-    if on_session is not None:
-        manual = config.turn_detection == "manual"
-        on_session(
-            Conversation(sid, "sip", session, text, manual=manual, call=call.call_id, room=bridge)
-        )
-    try:
-        await bridge.start()
-        await session.start(ApplianceAgent(config.agent, extra_tools=tools), record=False)
-        await closed.wait()
-    finally:
-        await session.aclose()  # at once when the caller hung up: nobody to finish for
-        await call.hangup("the agent ended the call")  # nothing if the call already ended
-        await bridge.aclose(hangup=True)
+
+    async def hang_up() -> None:  # nothing if the call already ended
+        await call.hangup("the agent ended the call")
+
+    await conversation.run(
+        ApplianceAgent(config.agent, extra_tools=tools), on_session=on_session, after_close=hang_up
+    )
 
 
 async def drain_call(session: AgentSession, call: Call, timeout: float) -> None:
     """Shutdown: the agent finishes its sentence, then BYE."""
-    end_session(session, "the appliance is stopping")
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(call.ended.wait(), timeout)
+    await drain(session, call.ended, timeout, reason="the appliance is stopping")
     await call.hangup("the appliance is stopping")
 
 
@@ -217,7 +197,7 @@ async def serve_sip(
     models: ModelSet,
     stop: asyncio.Event,
     *,
-    on_session: Callable[[Conversation], object] | None = None,
+    on_session: Callable[[ConversationInfo], object] | None = None,
     on_call: Callable[[Call, bool], object] | None = None,
     ready: asyncio.Future[UserAgent] | None = None,
 ) -> None:
@@ -239,7 +219,7 @@ async def serve_sip(
     sessions: dict[str, tuple[AgentSession, Call]] = {}
     tasks: set[asyncio.Task[None]] = set()
 
-    def conversation_started(conv: Conversation) -> None:
+    def conversation_started(conv: ConversationInfo) -> None:
         call = ua.calls.get(conv.call or "")
         if call is not None:
             sessions[call.call_id] = (conv.session, call)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .g711 import CODECS
+from appliance.sip.g711 import CODECS
 
 logger = logging.getLogger("appliance.sip.rtp")
 

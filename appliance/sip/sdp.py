@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .g711 import CODECS
+from appliance.sip.g711 import CODECS
 
 
 class SdpError(ValueError):

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .message import MANDATORY, Message, SipError, parse, response
+from appliance.sip.message import MANDATORY, Message, SipError, parse, response
 
 logger = logging.getLogger("appliance.sip")
 

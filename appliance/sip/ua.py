@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import digest, sdp
-from .message import (
+from appliance.sip import digest, sdp
+from appliance.sip.message import (
     Address,
     Message,
     SipError,
@@ -41,11 +41,11 @@ from .message import (
     parse_uri,
     response,
 )
-from .rtp import RtpSession
-from .transaction import Transport
+from appliance.sip.rtp import RtpSession
+from appliance.sip.transaction import Transport
 
 if TYPE_CHECKING:
-    from ..config import SipConfig
+    from appliance.config import SipConfig
 
 logger = logging.getLogger("appliance.sip")
 
