@@ -29,8 +29,8 @@ if TYPE_CHECKING:
     from livekit.agents import vad as vad_mod
     from livekit.agents.inference import VAD
     from livekit.agents.llm import ToolChoice
-    from livekit.agents.voice.turn import _StreamingTurnDetector
 
+    from appliance.plugins.compat import StreamingTurnDetector
     from appliance.plugins.llama.llm import LlamaLLM
     from appliance.plugins.piper.tts import PiperTTS
     from appliance.plugins.shared_vad import SharedVAD
@@ -228,7 +228,7 @@ class ModelSet:
         *,
         vad: SharedVAD | None = None,
         words: WordsJudge | None = None,
-    ) -> _StreamingTurnDetector:
+    ) -> StreamingTurnDetector:
         """An end-of-turn model: `name`, or [models] turn_model. Given the session's `vad`,
         smart-turn starts each prediction at the first dip of its probability after speech;
         given `words`, the LLM's reading of the transcript may overrule it."""

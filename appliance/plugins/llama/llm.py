@@ -38,6 +38,7 @@ from llama_cpp import Llama, LlamaGrammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from appliance.observe import trace
+from appliance.plugins import compat
 from appliance.plugins.priority import Priority
 
 if TYPE_CHECKING:
@@ -72,7 +73,6 @@ def requantized(source: Path, source_sha256: str, target: str, cache: Path) -> P
     the cache cannot be written, the source is used as it is (logged).
     """
     import llama_cpp
-    from llama_cpp._utils import suppress_stdout_stderr
 
     from appliance.store.disk import derived
 
@@ -81,7 +81,7 @@ def requantized(source: Path, source_sha256: str, target: str, cache: Path) -> P
         params.ftype = REQUANTIZE_TYPES[target]
         params.allow_requantize = True
         t = time.perf_counter()
-        with suppress_stdout_stderr(disable=False):  # a line per tensor (default: no-op)
+        with compat.suppress_native_output():  # a line per tensor (default: no-op)
             code = llama_cpp.llama_model_quantize(str(source).encode(), str(part).encode(), params)
         if code != 0:
             raise OSError(f"llama.cpp could not requantize {source.name} to {target}")
@@ -170,7 +170,7 @@ class LocalLlama:
         llama = self.llama
         if not tokens:
             return 0
-        keep = Llama.longest_token_prefix(llama._input_ids.tolist(), tokens)
+        keep = Llama.longest_token_prefix(compat.evaluated_tokens(llama), tokens)
         if keep == len(tokens) == llama.n_tokens:
             return 0
         llama.n_tokens = keep = min(keep, len(tokens) - 1)  # the last one gives the logits
@@ -188,7 +188,7 @@ class LocalLlama:
         model finds likely next, P(`p`) x P(`after` | `p`). The evaluated prompt stays in
         the KV cache: the reply's prompt starts with it."""
         llama = self.llama
-        keep = Llama.longest_token_prefix(llama._input_ids.tolist(), tokens)
+        keep = Llama.longest_token_prefix(compat.evaluated_tokens(llama), tokens)
         llama.n_tokens = min(keep, len(tokens) - 1)  # the last one gives the logits
         llama.eval(tokens[llama.n_tokens :])
         probs = self._next_token_probabilities()
@@ -447,7 +447,9 @@ class LlamaLLM(llm.LLM):
             else:
                 request = _render(local, messages, schemas, choice)
             if keep_others:
-                cached = Llama.longest_token_prefix(local.llama._input_ids.tolist(), request.tokens)
+                cached = Llama.longest_token_prefix(
+                    compat.evaluated_tokens(local.llama), request.tokens
+                )
                 if local.llama.n_tokens - cached > _PREFILL_MAY_DROP:
                     return 0  # the cache holds another request's prompt (a turn or a call)
             evaluated = local.prefill(request.tokens)
@@ -525,7 +527,7 @@ class LlamaStream(llm.LLMStream):
         local.request_waiting.clear()
         request = _render(local, messages, schemas, self._choice)
         tokens, mode = request.tokens, request.mode
-        cached = Llama.longest_token_prefix(local.llama._input_ids.tolist(), tokens)
+        cached = Llama.longest_token_prefix(compat.evaluated_tokens(local.llama), tokens)
         trace.mark("llm.start")
         ahead = local.take_ahead(tokens)  # any request consumes it; a grammar cannot use it
         if request.grammar is not None:

@@ -35,17 +35,15 @@ import onnxruntime as ort
 from faster_whisper.feature_extractor import FeatureExtractor
 from livekit import rtc
 from livekit.agents import vad
-from livekit.agents.inference.eot.base import (
-    TurnDetectorOptions,
-    _BaseStreamingTurnDetector,
-    _BaseStreamingTurnDetectorStream,
-)
+from livekit.agents.inference.eot.base import TurnDetectorOptions
 from livekit.agents.inference.eot.languages import ThresholdOptions, TurnDetectorModels
 from livekit.agents.metrics import EOTInferenceMetrics
 from livekit.agents.metrics.base import Metadata
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, APIConnectOptions
 
 from appliance.observe import trace
+from appliance.plugins import compat
+from appliance.plugins.compat import BaseStreamingTurnDetector, BaseStreamingTurnDetectorStream
 from appliance.plugins.turn_text import TurnText, decide, settle
 
 if TYPE_CHECKING:
@@ -200,7 +198,7 @@ class _SmartTurnTransport:
         self._vad = vad
         self._buf = np.zeros(2 * WINDOW_SAMPLES, dtype=np.int16)
         self._len = 0
-        self._stream_ref: weakref.ref[_BaseStreamingTurnDetectorStream] | None = None
+        self._stream_ref: weakref.ref[BaseStreamingTurnDetectorStream] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._warned_failure = False
         self._heard_speech = False
@@ -211,7 +209,7 @@ class _SmartTurnTransport:
     def session_id(self) -> str | None:
         return None
 
-    def attach(self, stream: _BaseStreamingTurnDetectorStream) -> None:
+    def attach(self, stream: BaseStreamingTurnDetectorStream) -> None:
         self._stream_ref = weakref.ref(stream)
         if self._vad is not None and self._on_vad_event not in self._vad.listeners:
             self._vad.listeners.append(self._on_vad_event)
@@ -227,7 +225,7 @@ class _SmartTurnTransport:
     async def run(self) -> None:
         stream = self._stream()
         if stream is not None:
-            await stream._drain_audio_channel()
+            await compat.drain_audio(stream)
 
     def push_frame(self, frame: rtc.AudioFrame) -> None:
         n = frame.samples_per_channel
@@ -284,12 +282,12 @@ class _SmartTurnTransport:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _stream(self) -> _BaseStreamingTurnDetectorStream | None:
+    def _stream(self) -> BaseStreamingTurnDetectorStream | None:
         return self._stream_ref() if self._stream_ref is not None else None
 
     def _is_current(self, request_id: str) -> bool:
         stream = self._stream()
-        return stream is not None and stream._request_id == request_id
+        return stream is not None and compat.request_id(stream) == request_id
 
     async def _infer(self, wanted: Callable[[], bool]) -> float | None:
         """P(turn complete) for the audio buffered now, or None when no longer `wanted`
@@ -298,7 +296,7 @@ class _SmartTurnTransport:
         # drain task (which empties it without yielding) catch up before taking the snapshot.
         for _ in range(_MAX_DRAIN_YIELDS):
             stream = self._stream()
-            if stream is None or stream._audio_ch.empty():
+            if stream is None or not compat.audio_pending(stream):
                 break
             await asyncio.sleep(0)
         pcm = self.buffered()
@@ -365,8 +363,8 @@ class _SmartTurnTransport:
         stream = self._stream()
         if stream is None:
             return
-        stream._resolve_prediction(
-            request_id, prob, inference_duration=inference_duration, detection_delay=delay
+        compat.resolve_prediction(
+            stream, request_id, prob, inference_duration=inference_duration, detection_delay=delay
         )
         detector = self._detector_ref()
         if detector is not None:
@@ -397,7 +395,7 @@ class _SmartTurnTransport:
         return self._words.settle(audio, text_prob), text_prob
 
 
-class SmartTurnStream(_BaseStreamingTurnDetectorStream):
+class SmartTurnStream(BaseStreamingTurnDetectorStream):
     """One session's audio stream into the detector. Create inside the running event loop."""
 
     def __init__(
@@ -437,7 +435,7 @@ class SmartTurnStream(_BaseStreamingTurnDetectorStream):
         return self._smart_transport.buffered()
 
 
-class SmartTurnDetector(_BaseStreamingTurnDetector):
+class SmartTurnDetector(BaseStreamingTurnDetector):
     """Streaming audio end-of-turn detector over a shared `SmartTurnModel`.
 
     Every language resolves to the same 0.5 ``unlikely_threshold`` (the model is

@@ -1,0 +1,74 @@
+"""The private livekit-agents and llama-cpp-python API the plugins rely on, in one place.
+
+livekit-agents 1.8.9 has no public base class for a streaming end-of-turn detector (its own
+`inference.TurnDetector` is built on the private one), and llama-cpp-python 0.3.36 exposes the
+evaluated tokens (what the KV cache holds) only as `Llama._input_ids`. Every such name is used
+through this module; `tests/test_compat.py` checks each against the pinned versions, so an
+upgrade that moves one fails there, by name, instead of somewhere in a conversation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from livekit.agents.inference.eot.base import (
+    _BaseStreamingTurnDetector as BaseStreamingTurnDetector,
+)
+from livekit.agents.inference.eot.base import (
+    _BaseStreamingTurnDetectorStream as BaseStreamingTurnDetectorStream,
+)
+from livekit.agents.voice.turn import _StreamingTurnDetector as StreamingTurnDetector
+
+__all__ = [
+    "BaseStreamingTurnDetector",
+    "BaseStreamingTurnDetectorStream",
+    "StreamingTurnDetector",
+    "audio_pending",
+    "drain_audio",
+    "evaluated_tokens",
+    "request_id",
+    "resolve_prediction",
+    "suppress_native_output",
+]
+
+
+async def drain_audio(stream: BaseStreamingTurnDetectorStream) -> None:
+    """Run the stream's loop that moves pushed audio into its buffer (until the stream ends)."""
+    await stream._drain_audio_channel()
+
+
+def audio_pending(stream: BaseStreamingTurnDetectorStream) -> bool:
+    """Audio pushed to the stream that its drain loop has not taken yet."""
+    return not stream._audio_ch.empty()
+
+
+def request_id(stream: BaseStreamingTurnDetectorStream) -> str | None:
+    """The id of the prediction the session waits for now."""
+    rid: str | None = stream._request_id
+    return rid
+
+
+def resolve_prediction(
+    stream: BaseStreamingTurnDetectorStream,
+    rid: str,
+    probability: float,
+    *,
+    inference_duration: float,
+    detection_delay: float,
+) -> None:
+    """Hand the session the end-of-turn probability for request `rid`."""
+    stream._resolve_prediction(
+        rid, probability, inference_duration=inference_duration, detection_delay=detection_delay
+    )
+
+
+def evaluated_tokens(llama: Any) -> list[int]:
+    """The tokens a `llama_cpp.Llama` has evaluated (its KV cache holds them), in order."""
+    return [int(t) for t in llama._input_ids.tolist()]
+
+
+def suppress_native_output() -> Any:
+    """llama-cpp-python's context manager that silences llama.cpp's stdout/stderr chatter."""
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    return suppress_stdout_stderr(disable=False)
