@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from appliance.session.modelset import ModelSet
 
 EXAMPLE_QUESTION = Path(__file__).parent / "data" / "question.wav"
-EX_CONFIG = 78  # sysexits.h EX_CONFIG
 EX_DATAERR = 65
 
 
@@ -37,7 +36,7 @@ def _load_models(config: config_mod.Config) -> ModelSet:
         models = ModelSet(config)
     except store.ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(EX_CONFIG) from None
+        raise SystemExit(config_mod.EX_CONFIG) from None
     models.warm()
     return models
 
@@ -74,7 +73,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             config.livekit.secret()
         except config_mod.ConfigError as exc:
             print(f"error: {args.file}: {exc}", file=sys.stderr)
-            return EX_CONFIG
+            return config_mod.EX_CONFIG
     print(f"{args.file}: ok (turn_detection={config.turn_detection!r})")
     if config.ptt.enabled and config.session.turn_detection != "manual":
         print(
@@ -160,7 +159,7 @@ def cmd_dial(args: argparse.Namespace) -> int:
         return asyncio.run(main())
     except config_mod.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return config_mod.EX_CONFIG
     finally:
         models.close()
 
@@ -189,7 +188,7 @@ def cmd_events(args: argparse.Namespace) -> int:
         token = args.token if args.token is not None else h.secret()
     except config_mod.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return config_mod.EX_CONFIG
     try:
         return asyncio.run(follow(url, token, args.json))
     except KeyboardInterrupt:
@@ -316,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return config_mod.EX_CONFIG
 
 
 if __name__ == "__main__":

@@ -467,10 +467,13 @@ def load(path: str | Path | None) -> Config:
     return parse(data, str(path))
 
 
+EX_CONFIG = 78  # sysexits.h: the configuration is unusable
+
+
 def load_or_exit(path: str | None) -> Config:
-    """`load`, or print the error and exit with EX_CONFIG (78): for command lines."""
+    """`load`, or print the error and exit with EX_CONFIG: for command lines."""
     try:
         return load(path)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(78) from None
+        raise SystemExit(EX_CONFIG) from None

@@ -64,7 +64,8 @@ def resolve_prediction(
 
 def evaluated_tokens(llama: Any) -> list[int]:
     """The tokens a `llama_cpp.Llama` has evaluated (its KV cache holds them), in order."""
-    return [int(t) for t in llama._input_ids.tolist()]
+    tokens: list[int] = llama._input_ids.tolist()  # numpy gives Python ints
+    return tokens
 
 
 def suppress_native_output() -> Any:
