@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench eval bench-audio bench-ptt bench-barge-in bench-sip clean
+.PHONY: install demo test lint fuzz bench eval bench-audio bench-ptt bench-barge-in bench-sip clean
 
 install:
 	bash scripts/setup-dev.sh
@@ -17,6 +17,9 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+fuzz: install
+	$(BIN)/python -m tests.fuzz --cases 100000
 
 bench: install
 	$(BIN)/python -m bench latency --json bench/results.json --chart bench/latency.png

@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import re
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -67,11 +68,45 @@ def test_a_request_parses_with_compact_forms_lists_and_folding() -> None:
         (INVITE.replace(b"SIP/2.0\r\n", b"SIP/3.0\r\n", 1), "bad request line"),
         (INVITE + b"x" * MAX_MESSAGE, "bytes (limit"),
         (b"SIP/2.0 999 Odd\r\nVia: x\r\n\r\n", "bad status"),
+        (b"SIP/2.0 2\xd9\xa300 OK\r\nVia: x\r\n\r\n", "bad status"),  # a Unicode digit
+        (INVITE.replace(b"Content-Length: 4", "Content-Length: 4\u0663".encode()), "Content-L"),
+        (INVITE.replace(b"Content-Length: 4", b"Content-Length: " + b"4" * 5000), "Content-L"),
+        (INVITE.replace(b"CSeq: 314159", b"CSeq: " + b"9" * 4400), "bad CSeq"),
+        (INVITE.replace(b"CSeq: 314159", "CSeq: ²".encode()), "bad CSeq"),
+        (INVITE.replace(b"t: <sip:agent@127.0.0.1>", b"t: <sip:agent@127.0.0.1"), "unclosed"),
+        (INVITE.replace(b"Max-Forwards", b"v: a;branch=1," * 20 + b"\r\nMax-Forwards"), "too many"),
     ],
 )
 def test_malformed_messages_are_refused_with_a_reason(data: bytes, problem: str) -> None:
     with pytest.raises(SipError, match=re.escape(problem)):
         parse(data)
+
+
+def test_a_flood_of_vias_is_not_answered_and_ports_are_checked() -> None:
+    with pytest.raises(SipError) as caught:
+        parse(INVITE.replace(b"Max-Forwards", b"v: a;branch=1," * 20 + b"\r\nMax-Forwards"))
+    assert caught.value.partial is not None and not caught.value.partial.headers
+    for port in ("\u00b2", "9" * 5000, "0", "65536"):
+        with pytest.raises(SipError, match="URI port"):
+            parse_uri(f"sip:alice@10.0.0.5:{port}")
+    assert parse_uri("sip:alice@[::1]:5062").port == 5062
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        (b"m=audio 40000", "m=audio 4\u0663000".encode()),
+        (b"m=audio 40000", b"m=audio " + b"4" * 5000),
+        (b"m=audio 40000", b"m=audio 70000"),
+        (b"RTP/AVP 9 8 0 96", "RTP/AVP 9 8 \u0663 96".encode()),
+        (b"RTP/AVP 9 8 0 96", b"RTP/AVP 9 8 0 300"),
+        (b"a=rtpmap:96", "a=rtpmap:9\u0663".encode()),
+        (b"a=sendonly", b"a=ptime:" + b"2" * 5000),
+    ],
+)
+def test_bad_numbers_in_an_offer_are_sdp_errors(old: bytes, new: bytes) -> None:
+    with pytest.raises(sdp.SdpError):
+        sdp.parse(OFFER.replace(old, new))
 
 
 @settings(max_examples=400, deadline=None)
@@ -140,17 +175,61 @@ def test_digest_matches_rfc_2617_and_the_verifier_checks_answers() -> None:
         )
         == "6629fae49393a05397450978507c4ef1"
     )
+    uri, here, there = "sip:agent@10.0.0.2", "10.0.0.9", "10.0.0.66"
     verifier = digest.Verifier("appliance", {"pbx": "s3cret"})
-    challenge = verifier.challenge()
     for algorithm in ("MD5", "SHA-256"):
-        c = challenge.replace("algorithm=MD5", f"algorithm={algorithm}")
-        good = digest.authorization(c, "pbx", "s3cret", "INVITE", "sip:agent@10.0.0.2")
-        bad = digest.authorization(c, "pbx", "wrong", "INVITE", "sip:agent@10.0.0.2")
-        assert verifier.check(good, "INVITE") == "pbx"
-        assert verifier.check(bad, "INVITE") is None
-        assert verifier.check(good, "BYE") is None  # the method is part of the digest
-    forged = good.replace(good.split('nonce="')[1].split('"')[0], "0" * 24)
-    assert verifier.check(forged, "INVITE") is None
+        c = verifier.challenge(here).replace("algorithm=MD5", f"algorithm={algorithm}")
+        good = digest.authorization(c, "pbx", "s3cret", "INVITE", uri)
+        bad = digest.authorization(c, "pbx", "wrong", "INVITE", uri)
+        assert verifier.check(bad, "INVITE", uri, here) is None
+        assert verifier.check(good, "BYE", uri, here) is None  # the method is in the digest
+        assert verifier.check(good, "INVITE", "sip:agent@10.0.0.3", here) is None
+        assert verifier.check(good, "INVITE", uri, there) is None  # the nonce is bound
+        assert verifier.check(good, "INVITE", uri, here) == "pbx"
+        assert verifier.check(good, "INVITE", uri, here) is None  # a replay: same count
+    nonce = good.split('nonce="')[1].split('"')[0]
+    forged = good.replace(nonce, "0" * 24)
+    assert verifier.check(forged, "INVITE", uri, here) is None
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda h: re.sub(r'response="[^"]*"', 'response="\u00e9\u00e9"', h),  # non-ASCII
+        lambda h: re.sub(r'nonce="[^"]*"', 'nonce="' + "9" * 4500 + '"', h),
+        lambda h: re.sub(r'nonce="([^".]*)', 'nonce="\\1' + "\u0663", h),  # a Unicode digit
+        lambda h: h.replace("qop=auth", "qop=auth-int"),
+        lambda h: re.sub(r"nc=\w+", "nc=" + "1" * 900, h),
+        lambda h: h.replace("Digest ", "Basic "),
+        lambda h: "Digest " + "x=" * 3000,
+    ],
+)
+def test_the_verifier_refuses_mangled_answers_without_raising(mangle: Any) -> None:
+    verifier = digest.Verifier("appliance", {"pbx": "s3cret"})
+    header = digest.authorization(
+        verifier.challenge("10.0.0.9"), "pbx", "s3cret", "INVITE", "sip:agent@10.0.0.2"
+    )
+    assert verifier.check(mangle(header), "INVITE", "sip:agent@10.0.0.2", "10.0.0.9") is None
+
+
+def test_a_nonce_serves_increasing_counts_and_expires() -> None:
+    uri, here = "sip:agent@10.0.0.2", "10.0.0.9"
+    verifier = digest.Verifier("appliance", {"pbx": "s3cret"})
+    first = digest.authorization(verifier.challenge(here), "pbx", "s3cret", "INVITE", uri)
+    second = first.replace("nc=00000001", "nc=00000002")
+    cnonce = first.split('cnonce="')[1].split('"')[0]
+    p = digest.parse_params(first)[1]
+    answer = digest.response(
+        "MD5", "pbx", "appliance", "s3cret", "INVITE", uri, p["nonce"],
+        qop="auth", nc="00000002", cnonce=cnonce,
+    )  # fmt: skip
+    second = re.sub(r'response="[^"]*"', f'response="{answer}"', second)
+    assert verifier.check(first, "INVITE", uri, here) == "pbx"
+    assert verifier.check(second, "INVITE", uri, here) == "pbx"
+    assert verifier.check(first, "INVITE", uri, here) is None  # counts only go up
+    stale = digest.Verifier("appliance", {"pbx": "s3cret"}, ttl=-1.0)
+    header = digest.authorization(stale.challenge(here), "pbx", "s3cret", "INVITE", uri)
+    assert stale.check(header, "INVITE", uri, here) is None
 
 
 def test_g711_matches_the_reference_and_round_trips() -> None:

@@ -8,6 +8,7 @@ reports). `appliance.observe.web` serves the text format at GET /metrics.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -17,6 +18,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
 
 if TYPE_CHECKING:
     from livekit.agents import AgentSession
@@ -80,6 +82,23 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("appliance_ready", "1 once the daemon is serving", registry=r)
+        self._bad_input: dict[str, Mapping[str, int]] = {}
+        r.register(self)  # collect() below serves the bad-input counts
+
+    def count_bad_input(self, source: str, counts: Mapping[str, int]) -> None:
+        """Serve `counts` (kind -> refused inputs, kept up to date by their owner)."""
+        self._bad_input[source] = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "appliance_bad_input",
+            "Peer input refused or dropped (malformed, busy, scanner, ...) by source and kind",
+            labels=["source", "kind"],
+        )
+        for source, counts in self._bad_input.items():
+            for kind, count in sorted(counts.items()):
+                family.add_metric([source, kind], count)
+        yield family
 
     def models_loaded(self, times: LoadTimes) -> None:
         self.model_load_seconds.labels("verify").set(times.verify_s)

@@ -8,6 +8,8 @@ import re
 import secrets
 import time
 
+from appliance.sip.message import SipError, parse_uri
+
 ALGORITHMS = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
 _PARAM = re.compile(r'(\w+)\s*=\s*("([^"]*)"|[^,\s]+)')
 
@@ -84,37 +86,55 @@ def authorization(challenge: str, user: str, password: str, method: str, uri: st
 
 
 class Verifier:
-    """Challenges inbound requests and checks the answers (nonces expire after `ttl` s)."""
+    """Challenges inbound requests and checks the answers (RFC 7616 with qop=auth).
+
+    A nonce is `issued.random.mac`: it expires after `ttl` s and is bound to the source
+    address it was issued to (the MAC covers both), so a captured answer is no use from
+    anywhere else. Each answer must carry a nonce count above the last one seen for its
+    nonce, so it is no use twice either. At most `MAX_NONCES` nonces are remembered (the
+    oldest answered ones are forgotten, which only makes their holders ask again).
+    """
+
+    MAX_NONCES = 4096
 
     def __init__(self, realm: str, users: dict[str, str], ttl: float = 300.0) -> None:
         self.realm, self.users, self.ttl = realm, users, ttl
         self._secret = secrets.token_bytes(16)
+        self._counts: dict[str, int] = {}  # nonce -> last nonce count, oldest first
 
-    def _nonce(self, at: int) -> str:
-        mac = hmac.new(self._secret, str(at).encode(), hashlib.sha256).hexdigest()[:16]
-        return f"{at:x}{mac}"
+    def _mac(self, issued: str, salt: str, source: str) -> str:
+        text = f"{issued}.{salt}.{source}".encode()
+        return hmac.new(self._secret, text, hashlib.sha256).hexdigest()[:24]
 
-    def challenge(self, algorithm: str = "MD5") -> str:
-        nonce = self._nonce(int(time.time()))
+    def challenge(self, source: str, algorithm: str = "MD5") -> str:
+        """A WWW-Authenticate value with a fresh nonce for `source` (the peer's IP)."""
+        issued, salt = f"{int(time.time()):x}", secrets.token_hex(8)
+        nonce = f"{issued}.{salt}.{self._mac(issued, salt, source)}"
         return f'Digest realm="{self.realm}", nonce="{nonce}", algorithm={algorithm}, qop="auth"'
 
-    def check(self, header: str, method: str) -> str | None:
-        """The authenticated user name, or None."""
-        try:
-            scheme, p = parse_params(header)
-        except ValueError:
-            return None
-        user, nonce = p.get("username", ""), p.get("nonce", "")
-        if scheme.lower() != "digest" or user not in self.users or len(nonce) < 17:
-            return None
-        try:
-            issued = int(nonce[:-16], 16)
-        except ValueError:
-            return None
-        if not hmac.compare_digest(nonce, self._nonce(issued)) or time.time() - issued > self.ttl:
+    def _fresh(self, nonce: str, source: str) -> bool:
+        issued, salt, mac = [*nonce.split("."), "", ""][:3]
+        if not (0 < len(issued) <= 12 and _HEX.fullmatch(issued) and _HEX.fullmatch(salt)):
+            return False
+        if not hmac.compare_digest(mac.encode(), self._mac(issued, salt, source).encode()):
+            return False
+        return 0 <= time.time() - int(issued, 16) <= self.ttl
+
+    def check(self, header: str, method: str, uri: str, source: str) -> str | None:
+        """The user name if `header` answers a challenge made to `source` for a request
+        to `uri`, else None (never raises on what a peer sends)."""
+        scheme, p = parse_params(header)
+        user, nonce, nc = p.get("username", ""), p.get("nonce", ""), p.get("nc", "")
+        if scheme.lower() != "digest" or user not in self.users or not header.isascii():
             return None
         algorithm = p.get("algorithm", "MD5").upper()
         if algorithm not in ALGORITHMS or p.get("realm") != self.realm:
+            return None
+        if not _same_host(p.get("uri", ""), uri):  # some phones leave the user part out
+            return None
+        if p.get("qop") != "auth" or not _NC.fullmatch(nc) or not p.get("cnonce"):
+            return None
+        if not self._fresh(nonce, source) or int(nc, 16) <= self._counts.get(nonce, 0):
             return None
         expected = response(
             algorithm,
@@ -124,8 +144,27 @@ class Verifier:
             method,
             p.get("uri", ""),
             nonce,
-            qop=p.get("qop", ""),
-            nc=p.get("nc", ""),
+            qop="auth",
+            nc=nc,
             cnonce=p.get("cnonce", ""),
         )
-        return user if hmac.compare_digest(expected, p.get("response", "")) else None
+        if not hmac.compare_digest(expected.encode(), p.get("response", "").encode()):
+            return None
+        self._counts.pop(nonce, None)
+        self._counts[nonce] = int(nc, 16)
+        while len(self._counts) > self.MAX_NONCES:
+            del self._counts[next(iter(self._counts))]
+        return user
+
+
+_HEX = re.compile(r"[0-9a-f]+")
+_NC = re.compile(r"[0-9a-fA-F]{8}")
+
+
+def _same_host(digest_uri: str, request_uri: str) -> bool:
+    """Does the answer's `uri` name the host and port the request was sent to?"""
+    try:
+        ours, theirs = parse_uri(request_uri), parse_uri(digest_uri)
+    except SipError:
+        return False
+    return (ours.host.lower(), ours.port) == (theirs.host.lower(), theirs.port)

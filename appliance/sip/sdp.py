@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from appliance.sip.g711 import CODECS
+from appliance.sip.message import SipError, number
 
 
 class SdpError(ValueError):
@@ -46,6 +47,14 @@ class Media:
 
 
 def parse(body: bytes) -> Media:
+    """The first audio stream; raises SdpError for anything malformed."""
+    try:
+        return _parse(body)
+    except SipError as exc:  # a bad number
+        raise SdpError(str(exc)) from None
+
+
+def _parse(body: bytes) -> Media:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -59,7 +68,7 @@ def parse(body: bytes) -> Media:
         if kind == "c":
             parts = value.split()
             if len(parts) != 3 or parts[0] != "IN":
-                raise SdpError(f"bad c= line {line!r}")
+                raise SdpError("bad c= line")
             if media is None:
                 session_address = parts[2]
             else:
@@ -68,11 +77,11 @@ def parse(body: bytes) -> Media:
             if media is not None:
                 break  # only the first audio stream
             parts = value.split()
-            if len(parts) < 4 or parts[0] != "audio" or not parts[1].isdigit():
+            if len(parts) < 4 or parts[0] != "audio":
                 continue
-            if not all(p.isdigit() for p in parts[3:]):
-                raise SdpError(f"bad payload types in {line!r}")
-            media = Media(session_address, int(parts[1]), [int(p) for p in parts[3:]])
+            port = number(parts[1].split("/")[0], "media port", 0, 65535)
+            payloads = [number(p, "payload type", 0, 127) for p in parts[3:]]
+            media = Media(session_address, port, payloads)
             media.direction = session_direction
         elif kind == "a":
             name, _, arg = value.partition(":")
@@ -83,16 +92,13 @@ def parse(body: bytes) -> Media:
                     media.direction = name
             elif media is not None and name == "rtpmap":
                 pt, _, encoding = arg.partition(" ")
-                if pt.isdigit():
-                    media.rtpmap[int(pt)] = encoding.strip()
-            elif media is not None and name == "ptime" and arg.strip().isdigit():
-                media.ptime = int(arg)
+                media.rtpmap[number(pt, "payload type", 0, 127)] = encoding.strip()
+            elif media is not None and name == "ptime":
+                media.ptime = number(arg, "ptime", 1, 1000)
     if media is None:
         raise SdpError("no audio stream in the offer")
     if not media.address:
         raise SdpError("no connection address")
-    if not 0 < media.port < 65536 and media.port != 0:
-        raise SdpError(f"bad port {media.port}")
     return media
 
 

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import re
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -36,6 +35,7 @@ from appliance.sip.message import (
     new_branch,
     new_call_id,
     new_tag,
+    number,
     param,
     parse_address,
     parse_uri,
@@ -50,11 +50,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("appliance.sip")
 
 ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO, REFER, NOTIFY"
-SCANNERS = re.compile(
-    r"friendly-scanner|sipvicious|sipcli|sip-scan|sundayddr|iwar|vaxsipuseragent|pplsip|"
-    r"sipsak|smap|svwar|svcrack",
-    re.IGNORECASE,
-)
 Peer = tuple[str, int]
 
 
@@ -94,6 +89,14 @@ class Dialog:
     route_set: list[str] = field(default_factory=list)
     local_cseq: int = 0
     remote_cseq: int = -1
+
+    def matches(self, msg: Message) -> bool:
+        """Is `msg` a request of this dialog (RFC 3261 12.2.2: Call-ID and both tags)?"""
+        return (
+            msg.call_id == self.call_id
+            and parse_address(msg.get("From")).tag == self.remote_tag
+            and parse_address(msg.get("To")).tag == self.local_tag
+        )
 
     def peer(self) -> Peer:
         """Where in-dialog requests go: the first loose route, else the remote target."""
@@ -156,6 +159,15 @@ class Call:
     @property
     def call_id(self) -> str:
         return self.dialog.call_id
+
+    def comes_from(self, source: str) -> bool:
+        """May `source` speak for the other end: the address the call's signalling came
+        from, or where in-dialog requests go (the route's first hop, else the Contact)."""
+        if source == self.peer[0]:
+            return True
+        with contextlib.suppress(SipError):
+            return source == self.dialog.peer()[0]
+        return False
 
     @property
     def number(self) -> str:
@@ -246,8 +258,12 @@ class Call:
         if not line or self._transfer is None or self._transfer.done():
             return
         parts = line[0].split()
-        if len(parts) >= 2 and parts[1].isdigit() and int(parts[1]) >= 200:
-            self._transfer.set_result(200 <= int(parts[1]) < 300)
+        try:
+            status = number(parts[1], "status", 100, 699) if len(parts) >= 2 else 0
+        except SipError:
+            return
+        if status >= 200:
+            self._transfer.set_result(200 <= status < 300)
 
 
 class UserAgent:
@@ -264,18 +280,18 @@ class UserAgent:
         self.config = config
         self.on_call = on_call
         self.transport = Transport(self._handle)
-        self.calls: dict[str, Call] = {}
+        self.calls: dict[str, Call] = {}  # answered calls, by Call-ID
         self.stopping = False
         self.registered = False
         self.verifier = digest.Verifier("appliance", users) if users else None
         self.register_password = register_password
         self._allow = [ipaddress.ip_network(n, strict=False) for n in config.allow]
-        self._pending: dict[str, asyncio.Task[Any]] = {}  # INVITEs being answered, by branch
+        self._pending: dict[str, _Pending] = {}  # INVITEs being answered, by Call-ID
         self._tasks: set[asyncio.Task[None]] = set()
         self._register_task: asyncio.Task[None] | None = None
         self._reg_call_id, self._reg_tag, self._reg_cseq = "", new_tag(), 0
         self._auth_header: tuple[str, str] | None = None
-        self.scanners_dropped = 0
+        self.bad = self.transport.bad  # one count and log throttle for the socket and us
 
     # -- life cycle --
 
@@ -291,8 +307,11 @@ class UserAgent:
     async def stop(self) -> None:
         """No new calls (503); hang up the rest; unregister; close the socket."""
         self.stopping = True
-        for call in list(self.calls.values()):
-            await call.hangup("the appliance is stopping")
+        for pending in list(self._pending.values()):
+            pending.task.cancel()  # ringing callers get 487
+        await asyncio.gather(
+            *(call.hangup("the appliance is stopping") for call in list(self.calls.values()))
+        )
         if self._register_task is not None:
             self._register_task.cancel()
             if self.registered:
@@ -338,23 +357,35 @@ class UserAgent:
         if not msg.is_request:
             self._stray_response(msg, peer)
             return
-        if SCANNERS.search(msg.get("User-Agent")):
-            self.scanners_dropped += 1
-            return  # scanners get nothing, not even an error
-        call = self.calls.get(msg.call_id)
         method = msg.method
-        if method == "INVITE" and call is None:
-            self._spawn(self._inbound(msg, peer), f"invite {msg.call_id}")
-        elif method == "CANCEL":
-            self._cancel(msg, peer)
-        elif method == "OPTIONS":
+        if method == "OPTIONS":
             self._respond(msg, 200, peer, Allow=ALLOW, Accept="application/sdp")
-        elif call is None:
+            return
+        if method == "CANCEL":
+            self._cancel(msg, peer)
+            return
+        call = self.calls.get(msg.call_id)
+        if method == "INVITE" and not parse_address(msg.get("To")).tag:
+            if call is not None or msg.call_id in self._pending:
+                self._respond(msg, 482, peer)  # a second INVITE for one Call-ID (RFC 8.2.2.2)
+            else:
+                self._spawn(self._inbound(msg, peer), f"invite {msg.call_id}")
+            return
+        if call is None or not call.dialog.matches(msg) or not call.comes_from(peer[0]):
+            if call is not None:
+                self.bad("dialog", "%s from %s:%d does not match its call", method, *peer)
             if method != "ACK":
                 self._respond(msg, 481, peer)
-        elif method == "ACK":
+            return
+        if method == "ACK":
             call._ack.set()
-        elif method == "BYE":
+            return
+        seq = msg.cseq[0]
+        if seq <= call.dialog.remote_cseq:
+            self._respond(msg, 500, peer)  # out of order or replayed (RFC 3261 12.2.2)
+            return
+        call.dialog.remote_cseq = seq
+        if method == "BYE":
             self._respond(msg, 200, peer)
             call._end("the caller hung up" if call.inbound else "the callee hung up")
         elif method == "INVITE":
@@ -375,10 +406,15 @@ class UserAgent:
     def _stray_response(self, msg: Message, peer: Peer) -> None:
         """A 2xx to INVITE outside its transaction: our ACK was lost; send it again."""
         call = self.calls.get(msg.call_id)
-        number, method = msg.cseq
+        seq, method = msg.cseq
         if call is None or method != "INVITE" or not 200 <= msg.status < 300:
             return
-        ack = call.dialog.request("ACK", self, cseq=number)
+        if (
+            not call.comes_from(peer[0])
+            or parse_address(msg.get("From")).tag != call.dialog.local_tag
+        ):
+            return
+        ack = call.dialog.request("ACK", self, cseq=seq)
         self.transport.send(ack, call.dialog.peer())
 
     def _allowed(self, msg: Message, peer: Peer) -> tuple[bool, str]:
@@ -391,25 +427,28 @@ class UserAgent:
             return True, ""
         if self.verifier is not None:
             header = msg.get("Authorization")
-            if header and self.verifier.check(header, msg.method):
+            if header and self.verifier.check(header, msg.method, msg.uri, peer[0]):
                 return True, ""
             return False, "challenge"
         return False, "not on the allow-list"
 
     async def _inbound(self, invite: Message, peer: Peer) -> None:
+        """A new INVITE: admit it (or refuse), ring, answer; the call is kept only once
+        everything about it has parsed, and it is watched from then on."""
         allowed, why = self._allowed(invite, peer)
         if not allowed:
             if why == "challenge" and self.verifier is not None:
-                self._respond(invite, 401, peer, WWW_Authenticate=self.verifier.challenge())
+                challenge = self.verifier.challenge(peer[0])
+                self._respond(invite, 401, peer, WWW_Authenticate=challenge)
             else:
-                logger.warning("INVITE from %s:%d refused: %s", *peer, why)
+                self.bad("refused", "INVITE from %s:%d refused: %s", *peer, why)
                 self._respond(invite, 403, peer)
             return
         if self.stopping:
             self._respond(invite, 503, peer, Retry_After="30")
             return
         if len(self.calls) + len(self._pending) >= self.config.max_calls:
-            logger.info("INVITE from %s:%d: busy (%d calls)", *peer, len(self.calls))
+            self.bad("busy", "INVITE from %s:%d: busy (%d calls)", *peer, len(self.calls))
             await self._final(invite, 486, peer)
             return
         try:
@@ -418,45 +457,46 @@ class UserAgent:
             caller = parse_address(invite.get("From"))
             target = parse_address(invite.get("Contact") or invite.get("From")).uri
             parse_uri(target)
+            dialog = Dialog(
+                call_id=invite.call_id,
+                local_tag=new_tag(),
+                remote_tag=caller.tag,
+                local=parse_address(invite.get("To")),
+                remote=caller,
+                remote_target=target,
+                route_set=invite.get_all("Record-Route"),
+                remote_cseq=invite.cseq[0],
+            )
+            dialog.peer()
+            call = Call(self, dialog, peer)
+            number = call.number
         except (sdp.SdpError, SipError) as exc:
-            logger.warning("INVITE from %s:%d not acceptable: %s", *peer, exc)
+            self.bad("unacceptable", "INVITE from %s:%d not acceptable: %s", *peer, exc)
             await self._final(invite, 488 if isinstance(exc, sdp.SdpError) else 400, peer)
             return
-        self._respond(invite, 100, peer)
-        dialog = Dialog(
-            call_id=invite.call_id,
-            local_tag=new_tag(),
-            remote_tag=caller.tag,
-            local=parse_address(invite.get("To")),
-            remote=caller,
-            remote_target=target,
-            route_set=invite.get_all("Record-Route"),
-            remote_cseq=invite.cseq[0],
-        )
-        call = Call(self, dialog, peer)
-        rtp = call.rtp
-        call.invite_received_at = time.monotonic()
-        call.headers = {h: invite.get(h) for h in self.config.headers if invite.get(h)}
         task = asyncio.current_task()
         assert task is not None
-        self._pending[invite.branch] = task
+        self._pending[invite.call_id] = _Pending(task, invite.branch, peer)
+        self._respond(invite, 100, peer)
+        call.invite_received_at = time.monotonic()
+        call.headers = {h: invite.get(h) for h in self.config.headers if invite.get(h)}
         try:
-            await rtp.open(self.config.listen, self.config.rtp_ports)
+            await call.rtp.open(self.config.listen, self.config.rtp_ports)
             self._respond(invite, 180, peer, to_tag=dialog.local_tag, Contact=self.contact(peer[0]))
             if self.config.ring_time:
                 await asyncio.sleep(self.config.ring_time)
             answer = call.answer_sdp(offer)
         except asyncio.CancelledError:
-            rtp.close()
+            call.rtp.close()
             await self._final(invite, 487, peer, to_tag=dialog.local_tag)
             return
         except OSError as exc:
             logger.error("call %s: %s", invite.call_id, exc)
-            rtp.close()
+            call.rtp.close()
             await self._final(invite, 503, peer, to_tag=dialog.local_tag)
             return
         finally:
-            self._pending.pop(invite.branch, None)
+            self._pending.pop(invite.call_id, None)
         ok = response(invite, 200, to_tag=dialog.local_tag)
         ok.add("Contact", self.contact(peer[0]))
         ok.add("Allow", ALLOW)
@@ -465,14 +505,19 @@ class UserAgent:
         ok.body = answer
         self.calls[call.call_id] = call
         call.answered_at = time.monotonic()
+        call.start_watch()
         logger.info(
             "call %s from %s answered",
             call.call_id,
-            call.number or peer[0],
+            number or peer[0],
             extra={"call_id": call.call_id},
         )
-        call.start_watch()
-        self.on_call(call)  # the greeting starts as soon as the call is answered
+        try:
+            self.on_call(call)  # the greeting starts as soon as the call is answered
+        except Exception:
+            logger.exception("call %s could not start", call.call_id)
+            await call.hangup("internal error")
+            return
         if not await self.transport.respond_reliably(invite, ok, peer, call._ack):
             logger.warning("call %s: no ACK for our 200 OK", call.call_id)
             await call.hangup("no ACK")
@@ -483,20 +528,24 @@ class UserAgent:
         await self.transport.respond_reliably(invite, res, addr, asyncio.Event())
 
     def _cancel(self, cancel: Message, peer: Peer) -> None:
-        pending = self._pending.get(cancel.branch)
-        if pending is None:
+        """CANCEL of an INVITE being answered: same Call-ID, branch and source (RFC 9.2)."""
+        pending = self._pending.get(cancel.call_id)
+        if pending is None or (pending.branch, pending.peer) != (cancel.branch, peer):
             self._respond(cancel, 481, peer)
             return
         self._respond(cancel, 200, peer)
-        pending.cancel()  # the INVITE gets 487 Request Terminated
+        pending.task.cancel()  # the INVITE gets 487 Request Terminated
 
     async def _reinvite(self, call: Call, invite: Message, peer: Peer) -> None:
         try:
             offer = sdp.parse(invite.body)
             sdp.choose_codec(offer)
-        except sdp.SdpError as exc:
-            self._respond(invite, 488, peer)
-            logger.warning("call %s: re-INVITE not acceptable: %s", call.call_id, exc)
+            target = invite.get("Contact")
+            if target:
+                parse_uri(parse_address(target).uri)
+        except (sdp.SdpError, SipError) as exc:
+            self._respond(invite, 488 if isinstance(exc, sdp.SdpError) else 400, peer)
+            self.bad("unacceptable", "call %s: re-INVITE not acceptable: %s", call.call_id, exc)
             return
         was_held = call.on_hold
         body = call.answer_sdp(offer)
@@ -504,8 +553,6 @@ class UserAgent:
             logger.info("call %s %s", call.call_id, "on hold" if call.on_hold else "resumed")
         if not call.on_hold:
             call.rtp.last_received = time.monotonic()
-        call.dialog.remote_cseq = invite.cseq[0]
-        target = invite.get("Contact")
         if target:
             call.dialog.remote_target = parse_address(target).uri
         ok = response(invite, 200)
@@ -648,7 +695,9 @@ class UserAgent:
             if res.status >= 300:
                 raise PermissionError(f"REGISTER {aor}: {res.status} {res.reason}")
             granted = param(res.get("Contact"), "expires") or res.get("Expires") or str(expires)
-            return int(granted) if granted.isdigit() else expires
+            with contextlib.suppress(SipError):
+                return number(granted, "Expires", 1)
+            return expires
         raise PermissionError(f"REGISTER {aor}: the credentials were refused")
 
     async def _keep_registered(self) -> None:
@@ -658,7 +707,7 @@ class UserAgent:
         while True:
             try:
                 granted = await self._register(self.config.register_expires)
-            except (TimeoutError, OSError, PermissionError, SipError) as exc:
+            except (TimeoutError, OSError, PermissionError, ValueError) as exc:  # + SipError
                 self.registered = False
                 if not logged:
                     logger.error("registration failed: %s; retrying", exc)
@@ -670,6 +719,15 @@ class UserAgent:
                 logger.info("registered %s for %d s", self.config.register_uri, granted)
             self.registered, logged, backoff = True, False, 5.0
             await asyncio.sleep(max(granted / 2, 10.0))
+
+
+@dataclass
+class _Pending:
+    """An INVITE being answered: its task (cancelled by CANCEL), branch and source."""
+
+    task: asyncio.Task[Any]
+    branch: str
+    peer: Peer
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
