@@ -181,8 +181,8 @@ class Service:
             if self._led is not None:
                 self._led.close()
             logging.getLogger().removeHandler(log_errors)
-            if runner is not None:
-                await runner.cleanup()
+            if runner is not None:  # after the drain, so pages see the sessions end;
+                await runner.cleanup()  # it closes open sockets (1001) first, then the rest
             if models is not None and models is not self._models:
                 models.close()
 
@@ -192,7 +192,8 @@ class Service:
 
         h = self.config.http
         token = h.secret()
-        app = web_mod.make_app(self.events, self.metrics, token=token, ptt=ptt)
+        hosts = web_mod.host_names(h.host)
+        app = web_mod.make_app(self.events, self.metrics, token=token, ptt=ptt, allowed_hosts=hosts)
         runner = await web_mod.serve(app, h.host, h.port)
         where = f"http://{h.host}:{h.port}/"
         logger.info("kiosk page %s, events %sapi/events, metrics %smetrics", where, where, where)
@@ -240,6 +241,7 @@ class Service:
             return None
         await asyncio.wait([sip, self.sip_ready], return_when=asyncio.FIRST_COMPLETED)
         if self.sip_ready.done():
+            self.metrics.count_bad_input("sip", self.sip_ready.result().bad.counts)
             return None
         self.stopping = True  # not a crash: the bridge could not start
         if self._stop is not None:

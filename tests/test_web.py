@@ -5,12 +5,14 @@ In headless Chromium (Debian's `chromium`, driven by Playwright) against the rea
 the simulated PulseAudio room: the page shows what the user said, the agent's reply and
 the state changes; in manual mode its on-screen button commits a turn. The events seen
 meanwhile validate against `appliance/static/events.schema.json`. Screenshots go to
-`test-artifacts/`. Without a browser: tokens and malformed messages.
+`test-artifacts/`. Without a browser: tokens, malformed messages, requests for another
+host or from another origin (DNS rebinding), and a stop with an events stream open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -28,7 +30,7 @@ import pytest
 from appliance import config as config_mod
 from appliance.observe.events import EventHub
 from appliance.observe.metrics import Metrics
-from appliance.observe.web import MAX_MESSAGE, make_app, serve
+from appliance.observe.web import MAX_MESSAGE, host_names, make_app, serve
 from appliance.ptt.buttons import PushToTalk
 from appliance.service import Service
 from appliance.systemd import Notifier
@@ -349,3 +351,151 @@ def test_a_lan_address_needs_a_token() -> None:
         config_mod.parse({"http": {"host": "0.0.0.0", "token": "short"}}, "<test>")
     ok = config_mod.parse({"http": {"host": "0.0.0.0", "token": TOKEN}}, "<test>")
     assert ok.http.secret() == TOKEN
+
+
+def test_requests_for_another_host_or_from_another_origin_are_refused() -> None:
+    hub = EventHub({"models": {}})
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    me = socket.gethostname().split(".")[0]
+
+    async def status(http: aiohttp.ClientSession, path: str, **headers: str) -> int:
+        async with http.get(base + path, headers=headers) as r:
+            return r.status
+
+    async def ws_status(http: aiohttp.ClientSession, url: str, **headers: str) -> Any:
+        try:
+            ws = await http.ws_connect(url, headers=headers)
+        except aiohttp.WSServerHandshakeError as exc:
+            return exc.status
+        first = json.loads((await ws.receive()).data)["type"]
+        await ws.close()
+        return first
+
+    async def main() -> dict[str, Any]:
+        runner = await serve(make_app(hub, Metrics()), "127.0.0.1", port)
+        wild = free_port()  # bound to every address: 127.0.0.2 is one of this machine's
+        wild_runner = await serve(
+            make_app(hub, Metrics(), allowed_hosts=host_names("0.0.0.0")), "0.0.0.0", wild
+        )
+        out: dict[str, Any] = {}
+        events = base.replace("http", "ws") + "/api/events"
+        try:
+            async with aiohttp.ClientSession() as http:
+                for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example"):
+                    out[f"host {host}"] = await status(http, "/api/state", Host=host)
+                for host in (f"localhost:{port}", "localhost", f"[::1]:{port}", me, f"{me}.local"):
+                    out[f"host {host}"] = await status(http, "/api/state", Host=host)
+                out["metrics, no origin"] = await status(http, "/metrics")
+                out["page"] = await status(http, "/")
+                out["state, evil origin"] = await status(
+                    http, "/api/state", Origin="http://evil.example"
+                )
+                out["ws, evil host"] = await ws_status(http, events, Host="evil.example")
+                out["ws, evil origin"] = await ws_status(http, events, Origin="http://evil.example")
+                out["ws, null origin"] = await ws_status(http, events, Origin="null")
+                out["ws, other port"] = await ws_status(http, events, Origin="http://127.0.0.1:1")
+                out["ws, same origin"] = await ws_status(http, events, Origin=base)
+                out["ws, localhost"] = await ws_status(
+                    http,
+                    events,
+                    Host=f"localhost:{port}",
+                    Origin=f"http://localhost:{port}",
+                )
+                out["ws, no origin"] = await ws_status(http, events)
+                for ip in ("127.0.0.2", "127.0.0.3"):  # reached on .2; .3 is not where it came
+                    async with http.get(
+                        f"http://127.0.0.2:{wild}/api/state", headers={"Host": f"{ip}:{wild}"}
+                    ) as r:
+                        out[f"wildcard, host {ip}"] = r.status
+        finally:
+            await runner.cleanup()
+            await wild_runner.cleanup()
+        return out
+
+    out = asyncio.run(main())
+    assert out == {
+        "host evil.example": 421,
+        f"host evil.example:{port}": 421,
+        "host 127.0.0.1.evil.example": 421,
+        f"host localhost:{port}": 200,
+        "host localhost": 200,
+        f"host [::1]:{port}": 200,
+        f"host {me}": 200,
+        f"host {me}.local": 200,
+        "metrics, no origin": 200,
+        "page": 200,
+        "state, evil origin": 403,
+        "ws, evil host": 421,
+        "ws, evil origin": 403,
+        "ws, null origin": 403,
+        "ws, other port": 403,
+        "ws, same origin": "snapshot",
+        "ws, localhost": "snapshot",
+        "ws, no origin": "snapshot",
+        "wildcard, host 127.0.0.2": 200,
+        "wildcard, host 127.0.0.3": 421,
+    }, out
+
+
+def test_a_stop_closes_an_open_events_stream_at_once() -> None:
+    """The server's cleanup must not wait on an idle page (aiohttp's default: 60 s)."""
+    hub = EventHub({"models": {}})
+    port = free_port()
+
+    async def main() -> dict[str, Any]:
+        runner = await serve(make_app(hub, Metrics()), "127.0.0.1", port)
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(f"ws://127.0.0.1:{port}/api/events")
+            assert json.loads((await ws.receive()).data)["type"] == "snapshot"
+            closing = asyncio.create_task(ws.receive())
+            t0 = time.monotonic()
+            with contextlib.suppress(TimeoutError):  # a bound on the hang, not a benchmark
+                await asyncio.wait_for(runner.cleanup(), 15)
+            elapsed = time.monotonic() - t0
+            done, _ = await asyncio.wait([closing], timeout=5)
+            msg = closing.result() if done else None
+            return {"elapsed": elapsed, "msg": msg and (msg.type, msg.data, msg.extra)}
+
+    out = asyncio.run(main())
+    assert out["elapsed"] < 5, out
+    assert out["msg"] == (aiohttp.WSMsgType.CLOSE, 1001, "server shutting down"), out
+
+
+def test_the_daemon_stops_at_once_with_a_page_open(models: Any, room: Room) -> None:
+    """SIGTERM's path (`request_stop`) with an idle events stream open: no wait on it."""
+    port = free_port()
+    config = config_mod.parse(
+        {
+            "session": {"turn_detection": "vad"},
+            "audio": {"enabled": True, "input_rate": 16000, "output_rate": 16000},
+            "http": {"port": port},
+        },
+        "<web test>",
+    )
+
+    async def main() -> dict[str, Any]:
+        service = Service(config, None, notifier=Notifier({}), models=models)
+        daemon = asyncio.create_task(service.run())
+        while service.status().startswith(("starting", "verifying")) or not service.sessions:
+            assert not daemon.done(), daemon
+            await asyncio.sleep(0.05)
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(f"ws://127.0.0.1:{port}/api/events")
+            assert json.loads((await ws.receive()).data)["type"] == "snapshot"
+            t0 = time.monotonic()
+            service.request_stop("test done")
+            done, _ = await asyncio.wait([daemon], timeout=20)
+            elapsed = time.monotonic() - t0
+            if not done:
+                return {"elapsed": elapsed, "code": None}
+            seen = []
+            while not ws.closed:
+                seen.append(await asyncio.wait_for(ws.receive(), 5))
+            close = (seen[-1].type, seen[-1].data, seen[-1].extra)
+            return {"elapsed": elapsed, "code": daemon.result(), "close": close}
+
+    out = asyncio.run(main())
+    # the idle kiosk session drains in well under a second; the bound is for the hang
+    assert out["code"] == 0 and out["elapsed"] < 10, out
+    assert out["close"] == (aiohttp.WSMsgType.CLOSE, 1001, "server shutting down"), out
