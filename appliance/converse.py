@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,3 +194,30 @@ def run_file(
     if transcript_path is not None:
         Path(transcript_path).write_text(json.dumps(result.items, indent=2) + "\n")
     return result
+
+
+EX_DATAERR = 65  # sysexits.h: the input file is not usable
+
+
+def converse_command(
+    models: ModelSet,
+    config: Config,
+    in_path: str | Path,
+    out_path: str | Path,
+    transcript_path: str | Path | None,
+) -> int:
+    """`appliance converse`: run the file, print the transcript; the exit status."""
+    from appliance.audio.files import AudioFileError
+
+    try:
+        result = run_file(models, config, in_path, out_path, transcript_path)
+    except AudioFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    for item in result.items:
+        print(f"{item['role']:>9}: {item['text']}")
+    print(f"reply audio: {out_path}", file=sys.stderr)
+    if not any(i["role"] == "assistant" and i["text"] for i in result.items):
+        print("error: the agent gave no reply", file=sys.stderr)
+        return 1
+    return 0

@@ -23,7 +23,7 @@ from appliance.config import Config
 from appliance.native import selftest
 from appliance.native.build import cpu_flags
 from appliance.native.selftest import llama_features, llama_fix
-from appliance.store import disk as store
+from appliance.store import disk, integrity
 from appliance.store.manifest import load as load_manifest
 
 SELFTEST_TIMEOUT = 60.0
@@ -130,9 +130,9 @@ def check_native(config: Config, root: Path) -> list[Check]:
 
     def installed(model_id: str, suffix: str) -> Path | None:
         entry = manifest.models.get(model_id)
-        if entry is None or not store.installed(entry, root):
+        if entry is None or not disk.installed(entry, root):
             return None
-        return store.file_path(entry, entry.file(suffix).name, root)
+        return disk.file_path(entry, entry.file(suffix).name, root)
 
     gguf = installed(cfg.llm, ".gguf")
     whisper = installed(cfg.stt, "model.bin")
@@ -193,13 +193,13 @@ def check_models(config: Config, root: Path) -> Check:
     entries = [manifest.models[i] for i in config.models_in_use()]
     problems, fetch, fixes = [], [], []
     for entry in entries:
-        bad = [s for s in store.verify([entry], root) if not s.ok]
+        bad = [s for s in integrity.verify([entry], root) if not s.ok]
         if not bad:
             continue
         what = sorted({s.detail.split(";")[0] for s in bad})
         problems.append(f"{entry.id}: {len(bad)} file(s) {', '.join(what)}")
         if entry.embedded:
-            fixes.append(store.fix_hint(entry))
+            fixes.append(disk.fix_hint(entry))
         else:
             fetch.append(entry.id)
     if fetch:
@@ -216,19 +216,17 @@ def check_models(config: Config, root: Path) -> Check:
 def check_audio(config: Config) -> list[Check]:
     if not config.audio.enabled:
         return [Check("audio", "ok", "USB kiosk not enabled ([audio] enabled = false)")]
+    from appliance.usb import portaudio
+    from appliance.usb.portaudio import AudioDeviceError, find_device, list_devices
+
     # PortAudio can abort the process while it lists devices on some ALSA set-ups: list
     # them in a child first, and here only if the child lived
-    probe = selftest.start(
-        "portaudio",
-        fix="check /etc/asound.conf and ~/.asoundrc (firmware/alsa/asound.conf is known to work); "
-        "run `aplay -L`",
-    ).result(SELFTEST_TIMEOUT)
+    probe = portaudio.probe()
     if not probe.ok:
-        return [Check("portaudio", "fail", f"device listing: {probe.detail}", probe.fix)]
-    from appliance.usb.audio import AudioDeviceError, find_device, list_devices
-
+        detail = f"device listing with the ALSA config {portaudio.alsa_config()}: {probe.detail}"
+        return [Check("portaudio", "fail", detail, probe.fix)]
     try:
-        devices = list_devices()
+        devices = list_devices()  # the probe's success is reused
     except AudioDeviceError as exc:
         return [Check("audio", "fail", str(exc), "apt-get install portaudio19-dev")]
     checks = [Check("portaudio", "ok", probe.detail)]

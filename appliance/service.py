@@ -24,16 +24,17 @@ import signal
 from typing import TYPE_CHECKING, Any
 
 from appliance import config as config_mod
-from appliance.observe.events import Conversation, EventHub
+from appliance.observe.events import EventHub, SessionInfo
 from appliance.observe.metrics import Metrics
-from appliance.store import disk as store
+from appliance.store.disk import ModelError
 from appliance.systemd import Notifier
 
 if TYPE_CHECKING:
     from aiohttp import web
     from livekit.agents import AgentSession
 
-    from appliance.ptt.buttons import PushToTalk, StatusLed
+    from appliance.ptt.led import StatusLed
+    from appliance.ptt.turns import PushToTalk
     from appliance.session.modelset import ModelSet
     from appliance.sip.ua import Call
 
@@ -99,7 +100,7 @@ class Service:
         self._state = state
         self.notifier.status(self.status())
 
-    def _session_started(self, conv: Conversation) -> None:
+    def _session_started(self, conv: SessionInfo) -> None:
         session = conv.session
         self.metrics.observe(session, conv.bridge)
         self.events.observe(conv)
@@ -139,7 +140,7 @@ class Service:
             try:
                 if loaded is None:
                     loaded = await asyncio.to_thread(_load_models, self.config)
-            except store.ModelError as exc:
+            except ModelError as exc:
                 logger.error("%s", exc)
                 return EX_CONFIG
             models = loaded
@@ -280,7 +281,9 @@ class Service:
         With `turn_detection = "manual"` and no button, the kiosk page's on-screen button
         (and the events API) drive the turns.
         """
-        from appliance.ptt.buttons import ButtonError, PushToTalk, make_led, serve_button
+        from appliance.ptt.inputs import ButtonError
+        from appliance.ptt.led import make_led
+        from appliance.ptt.turns import PushToTalk, serve_button
 
         cfg = self.config.ptt
         if self.config.turn_detection != "manual":

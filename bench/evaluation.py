@@ -113,7 +113,7 @@ def graded(reply: str, turn: Turn) -> bool | None:
 
 def read_speech_wer(models: ModelSet, item: Item) -> dict[str, Any]:
     """Whisper alone on a human recording (cut at quiet points into < 30 s pieces)."""
-    from appliance.plugins.whisper.stt import transcribe
+    from appliance.plugins.whisper.engine import transcribe
 
     turn = item.turns[0]
     audio = read_audio(turn.audio).astype(np.float32) / 32768.0

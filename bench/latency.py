@@ -39,6 +39,8 @@ import psutil
 
 from appliance.config import Config
 from appliance.observe import trace
+from appliance.observe.metrics import STAGES as METRIC_STAGES
+from appliance.observe.metrics import stage_figures
 
 if TYPE_CHECKING:
     from livekit.agents import AgentSession
@@ -77,7 +79,7 @@ STOCK_OPTIONS: dict[str, Any] = {
     "min_interruption_duration": 0.5,
     "min_interruption_words": 0,
 }
-STAGES = ("end_of_turn", "stt", "llm_ttft", "llm_ttfs", "tts_ttfb", "livekit_e2e")
+STAGES = tuple(stage for names in METRIC_STAGES.values() for stage in names.values())
 
 SessionFactory = Callable[[], "AgentSession"]
 
@@ -176,14 +178,8 @@ def stage_seconds(metrics: list[dict[str, Any]]) -> dict[str, float | None]:
     after = metrics[users[-1] + 1 :] if users else metrics
     replies = [m for m in after if m.get("role") == "assistant"]
     reply = replies[0] if replies else {}
-    return {
-        "end_of_turn": user.get("end_of_turn_delay"),
-        "stt": user.get("transcription_delay"),
-        "llm_ttft": reply.get("llm_node_ttft"),
-        "llm_ttfs": reply.get("llm_node_ttfs"),
-        "tts_ttfb": reply.get("tts_node_ttfb"),
-        "livekit_e2e": reply.get("e2e_latency"),
-    }
+    figures = {**stage_figures("user", user), **stage_figures("assistant", reply)}
+    return {stage: figures.get(stage) for stage in STAGES}
 
 
 BREAKDOWN = (
@@ -241,7 +237,7 @@ def word_error_rate(reference: str, hypothesis: str) -> float | None:
 def _heard_back(models: ModelSet, pcm: np.ndarray, rate: int) -> str:
     """The reply's audio transcribed with Whisper's full window (the garble check)."""
     from appliance.audio.pcm import resample
-    from appliance.plugins.whisper.stt import transcribe
+    from appliance.plugins.whisper.engine import transcribe
 
     audio = resample(pcm, rate, RATE).astype(np.float32) / 32768.0
     return transcribe(models.whisper, audio, "en", window="full")[0]

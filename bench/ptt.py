@@ -87,7 +87,7 @@ async def _bench(
 ) -> list[dict[str, Any]]:
     """Each question once per variant (alternating order): "default", or "no interims" /
     "interims" (the session's STT without and with interim transcripts while held)."""
-    from appliance.ptt.buttons import PushToTalk
+    from appliance.ptt.turns import PushToTalk
     from appliance.usb.audio import UsbAudio
     from appliance.usb.kiosk import serve_usb
 

@@ -48,20 +48,26 @@ def _free_port() -> int:
 
 
 class Phone:
-    """The caller's side of one call: plays what it is given, records what it hears."""
+    """The caller's side of one call (its `CallMedia`): plays what it is given, records
+    what it hears."""
 
     def __init__(self, call: Call) -> None:
         self.call = call
-        self.heard: list[tuple[float, bool]] = []  # (arrival, loud) per 20 ms frame
+        self.log: list[tuple[float, bool]] = []  # (arrival, loud) per 20 ms frame heard
         self._queue: np.ndarray = np.zeros(0, np.int16)
         self.last_loud_sent = 0.0
-        call.on_audio = self._hear
-        call.source = self._speak
+        call.attach(self)
 
-    def _hear(self, pcm: np.ndarray) -> None:
-        self.heard.append((time.monotonic(), bool(np.abs(pcm.astype(np.int32)).max() > LOUD)))
+    def heard(self, pcm8k: np.ndarray) -> None:
+        self.log.append((time.monotonic(), bool(np.abs(pcm8k.astype(np.int32)).max() > LOUD)))
 
-    def _speak(self, n: int) -> np.ndarray:
+    def pressed(self, digit: str) -> None:
+        pass
+
+    def ended(self, reason: str) -> None:
+        pass
+
+    def next_audio(self, n: int) -> np.ndarray:
         block = np.zeros(n, np.int16)
         part, self._queue = self._queue[:n], self._queue[n:]
         block[: len(part)] = part
@@ -77,12 +83,12 @@ class Phone:
         return len(self._queue) > 0
 
     def first_loud_after(self, t: float) -> float | None:
-        return next((at for at, loud in self.heard if loud and at > t), None)
+        return next((at for at, loud in self.log if loud and at > t), None)
 
     def quiet_since(self, seconds: float) -> bool:
         """Nothing loud heard for `seconds` (the agent finished its reply)."""
         now = time.monotonic()
-        last = max((at for at, loud in self.heard if loud), default=0.0)
+        last = max((at for at, loud in self.log if loud), default=0.0)
         return now - last > seconds
 
 

@@ -33,12 +33,13 @@ import psutil
 
 from appliance.audio.pcm import resample
 from appliance.config import AudioConfig, Config
-from appliance.store import disk as store
+from appliance.store.disk import file_path, models_dir
+from appliance.store.integrity import require
 from appliance.store.manifest import load as load_manifest
 from bench.latency import machine_info, percentile
 
 if TYPE_CHECKING:
-    from appliance.plugins.piper.tts import PiperVoice
+    from appliance.plugins.piper.engine import PiperVoice
     from appliance.usb.audio import UsbAudio
 
 RATE = 16000
@@ -83,13 +84,13 @@ def audio_config(processing: str, **over: Any) -> AudioConfig:
 
 def load_voice(config: Config) -> PiperVoice:
     """The configured Piper voice, verified."""
-    from appliance.plugins.piper.tts import PiperVoice
+    from appliance.plugins.piper.engine import PiperVoice
 
     entry = load_manifest(config.models.manifest).models[config.models.tts]
-    root = store.models_dir(config.models.dir)
-    store.require([entry], root)
-    onnx = store.file_path(entry, entry.file(".onnx").name, root)
-    return PiperVoice(onnx, store.file_path(entry, entry.file(".onnx.json").name, root))
+    root = models_dir(config.models.dir)
+    require([entry], root)
+    onnx = file_path(entry, entry.file(".onnx").name, root)
+    return PiperVoice(onnx, file_path(entry, entry.file(".onnx.json").name, root))
 
 
 def speech(voice: PiperVoice, texts: tuple[str, ...], pause_s: float = 0.5) -> np.ndarray:
@@ -123,13 +124,13 @@ def echo_path(far: np.ndarray, *, nonlinear: bool = False, seed: int = 7) -> np.
 
 
 def _cancel(processing: str, far: np.ndarray, mic: np.ndarray, delay_ms: int) -> np.ndarray:
-    from appliance.usb.audio import EchoCanceller
+    from appliance.audio.processing import AudioProcessor, kiosk
 
-    echo = EchoCanceller(audio_config(processing, echo_delay_ms=delay_ms))
+    echo = AudioProcessor(kiosk(audio_config(processing, echo_delay_ms=delay_ms)))
     out = np.zeros_like(mic)
     for i in range(0, len(mic) - BLOCK + 1, BLOCK):
-        echo.played(far[i : i + BLOCK])
-        out[i : i + BLOCK] = echo.capture(mic[i : i + BLOCK])
+        echo.played(far[i : i + BLOCK], RATE)
+        out[i : i + BLOCK] = echo.process(mic[i : i + BLOCK], RATE)
     return out
 
 
@@ -184,19 +185,19 @@ def capture_cpu(processing: str, mic: np.ndarray, repeats: int = 5) -> dict[str,
     from livekit import rtc
 
     from appliance.audio.live import Rechunker
-    from appliance.usb.audio import EchoCanceller
+    from appliance.audio.processing import AudioProcessor, kiosk
 
     device = resample(mic, RATE, DEVICE_RATE)
     step = DEVICE_RATE // 100
     seconds = len(device) / DEVICE_RATE
     per_second = []
     for _ in range(repeats):
-        echo = EchoCanceller(audio_config(processing))
+        echo = AudioProcessor(kiosk(audio_config(processing)))
         chunker = Rechunker(DEVICE_RATE, RATE, BLOCK)
         t0 = time.thread_time()
         for i in range(0, len(device) - step + 1, step):
             for piece in chunker.push(device[i : i + step], DEVICE_RATE):
-                cleaned = echo.capture(piece)
+                cleaned = echo.process(piece, RATE)
                 rtc.AudioFrame(cleaned.tobytes(), RATE, 1, BLOCK)
         per_second.append((time.thread_time() - t0) / seconds * 1000)
     return {
@@ -220,7 +221,7 @@ def _lag(reference: np.ndarray, delayed: np.ndarray, max_lag: int) -> int:
 def processing_delays(mic: np.ndarray) -> dict[str, float]:
     """Algorithmic delay (ms) of the 48 -> 16 kHz resampler and of the audio processing."""
     from appliance.audio.live import Rechunker
-    from appliance.usb.audio import EchoCanceller
+    from appliance.audio.processing import AudioProcessor, kiosk
 
     speech = mic[: RATE * 3]
     device = resample(speech, RATE, DEVICE_RATE)
@@ -232,9 +233,12 @@ def processing_delays(mic: np.ndarray) -> dict[str, float]:
         for p in chunker.push(device[i : i + step], DEVICE_RATE)
     ]
     resampled = np.concatenate(pieces)
-    echo = EchoCanceller(audio_config("production"))
+    echo = AudioProcessor(kiosk(audio_config("production")))
     processed = np.concatenate(
-        [echo.capture(speech[i : i + BLOCK]) for i in range(0, len(speech) - BLOCK + 1, BLOCK)]
+        [
+            echo.process(speech[i : i + BLOCK], RATE)
+            for i in range(0, len(speech) - BLOCK + 1, BLOCK)
+        ]
     )
     return {
         "resampler_ms": _lag(speech, resampled, RATE // 20) * 1000 / RATE,

@@ -14,7 +14,7 @@ import numpy as np
 
 from appliance import config as config_mod
 from appliance.audio.pcm import resample
-from appliance.plugins.whisper import stt as whisper_stt
+from appliance.plugins.whisper import engine as whisper_stt
 from appliance.session.modelset import ModelSet
 from bench.latency import QUESTIONS
 

@@ -18,11 +18,11 @@ import pytest
 
 from appliance import config as config_mod
 from appliance.audio.pcm import resample
-from appliance.store import disk as store
 from appliance.store import manifest
+from appliance.store.disk import file_path, models_dir
 from bench import room_sim as audiosim
 
-MODELS_DIR = store.models_dir()
+MODELS_DIR = models_dir()
 
 
 _CONTRACTIONS = {"'re": " are", "'s": " is", "'m": " am", "'ll": " will", "'ve": " have"}
@@ -48,7 +48,7 @@ def transcribed_as(expected: str, transcript: str) -> bool:
 
 def model_file(model_id: str, suffix: str) -> Path:
     entry = manifest.load().models[model_id]
-    return store.file_path(entry, entry.file(suffix).name, MODELS_DIR)
+    return file_path(entry, entry.file(suffix).name, MODELS_DIR)
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +72,7 @@ def speak(models: object, tmp_path_factory: pytest.TempPathFactory):  # type: ig
     rendering in twenty of "capital of France" as "capital of friends"). The appliance's
     own speech keeps the voice's variation.
     """
-    from appliance.plugins.piper.tts import PiperVoice
+    from appliance.plugins.piper.engine import PiperVoice
 
     model_id = models.config.models.tts  # type: ignore[attr-defined]
     config = json.loads(model_file(model_id, ".onnx.json").read_text(encoding="utf-8"))

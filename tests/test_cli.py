@@ -65,10 +65,10 @@ def test_models_list_and_verify_json() -> None:
 
 def test_a_corrupt_model_stops_start_up_naming_the_file(tmp_path: Path) -> None:
     """The installed models, linked into a new directory, with one file corrupted."""
-    from appliance.store import disk as store
     from appliance.store import manifest
+    from appliance.store.disk import models_dir
 
-    installed, root = store.models_dir(), tmp_path / "models"
+    installed, root = models_dir(), tmp_path / "models"
     for path in installed.rglob("*"):
         if path.is_file() and not path.name.startswith("."):
             link = root / path.relative_to(installed)

@@ -22,7 +22,7 @@ from appliance import config as config_mod
 from appliance.audio.files import RecordingAudioOutput, WavAudioInput
 from appliance.audio.pcm import resample
 from appliance.converse import converse, history_items, wire
-from appliance.plugins.whisper.stt import transcribe
+from appliance.plugins.whisper.engine import transcribe
 from appliance.session.builder import ApplianceAgent, build_session
 
 from .conftest import transcribed_as

@@ -11,6 +11,7 @@ from pathlib import Path
 from appliance.doctor import check_cpu
 from appliance.native.selftest import llama_fix
 from bench.room_sim import file_pcms
+from tests.test_usbaudio import ABORTING_ALSA
 
 
 def doctor(tmp_path: Path, config: str, env: dict[str, str]) -> tuple[int, dict[str, dict]]:
@@ -53,6 +54,19 @@ def test_a_healthy_install_has_no_problem(tmp_path: Path) -> None:
     assert code == 0 and not failed, failed
     assert checks["models"]["status"] == "ok"
     assert checks["audio input"]["detail"] == "'voice_in' is 'voice_in'"
+
+
+def test_an_alsa_config_that_aborts_portaudio_is_a_finding(tmp_path: Path) -> None:
+    conf = tmp_path / "asound.conf"
+    conf.write_text(ABORTING_ALSA)
+    config = "[audio]\nenabled = true\n[http]\nenabled = false\n"
+    code, checks = doctor(tmp_path, config, {"ALSA_CONFIG_PATH": str(conf)})
+    assert code == 1 and "models" in checks  # the other checks still ran
+    portaudio = checks["portaudio"]
+    assert portaudio["status"] == "fail"
+    assert f"with the ALSA config {conf}: the self-test crashed with SIGABRT" in portaudio["detail"]
+    assert "PortAudio aborted while listing the ALSA devices" in portaudio["detail"]
+    assert "firmware/alsa/asound.conf is known to work" in portaudio["fix"]
 
 
 def test_a_llama_build_for_another_cpu_is_caught() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.store import disk as store
+from appliance.store import disk
 
 REPO = Path(__file__).parent.parent
 INSTALL = REPO / "scripts" / "install.sh"
@@ -74,7 +74,7 @@ def test_dry_run_on_a_clean_root_lists_every_action_and_changes_nothing(tmp_path
 
 def test_install_then_a_second_run_changes_nothing_then_uninstall(tmp_path: Path) -> None:
     root = clean_root(tmp_path)
-    models = store.models_dir()
+    models = disk.models_dir()
     first = install(root, "--models-from", str(models))
     assert first.returncode == 0, first.stdout + first.stderr
     assert first.stdout.rstrip().startswith("installing") and "done:" in first.stdout

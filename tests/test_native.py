@@ -15,7 +15,7 @@ import pytest
 
 from appliance.native import build, selftest
 from appliance.native.selftest import Pending
-from appliance.store import disk as store
+from appliance.store.disk import models_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -103,7 +103,7 @@ def test_a_child_that_hangs_is_killed_and_reported() -> None:
 
 
 def test_the_installed_llm_decodes_in_a_child() -> None:
-    gguf = next(store.models_dir().glob("smollm2-135m-instruct/*.gguf"))
+    gguf = next(models_dir().glob("smollm2-135m-instruct/*.gguf"))
     checked = selftest.check_llama(gguf)
     assert checked.ok, checked.detail
     assert "decoded" in checked.detail and "build uses" in checked.detail

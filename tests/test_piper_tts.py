@@ -17,16 +17,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from appliance.plugins.piper import tts as piper_tts
-from appliance.plugins.piper.tts import (
+from appliance.plugins.piper import engine as piper_engine
+from appliance.plugins.piper.engine import (
     FIRST_PIECE_FRAMES,
     RENDERED_KEEP,
     VOCODER_CONTEXT,
-    PiperTTS,
     PiperVoice,
     PiperVoiceError,
     split_voice,
 )
+from appliance.plugins.piper.tts import PiperTTS
 from appliance.plugins.priority import Priority
 from appliance.store import manifest
 
@@ -186,7 +186,8 @@ def test_import_does_not_pull_gpl_piper() -> None:
 
 
 def test_replies_are_cut_into_clauses_and_a_short_first_chunk() -> None:
-    from appliance.plugins.piper.tts import ClauseTokenizer, split_clauses, split_first_words
+    from appliance.plugins.piper.text import split_clauses, split_first_words
+    from appliance.plugins.piper.tts import ClauseTokenizer
 
     text = "Dr. Smith is in, and 3.5 is a number; yes. Done"
     assert [c for c, _, _ in split_clauses(text)] == [
@@ -361,7 +362,7 @@ def test_a_voice_that_cannot_be_split_runs_whole(
     assert len(list(voice.pieces(voice.phonemize(LONG)[0], urgent=True))) == 1
     assert _rms(voice.synthesize("Hello there.")) > 500
     # a vocoder that reaches further than the context given: checked at load, run whole
-    monkeypatch.setattr(piper_tts, "VOCODER_CONTEXT", 6)
+    monkeypatch.setattr(piper_engine, "VOCODER_CONTEXT", 6)
     caplog.clear()
     voice = PiperVoice(MODEL, CONFIG, parts=parts)
     assert len(voice._models) == 1 and "reaches past 6 frames" in caplog.text

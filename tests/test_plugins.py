@@ -12,13 +12,9 @@ import pytest
 from livekit import rtc
 from livekit.agents import llm, stt, vad
 
-from appliance.plugins.llama.llm import (
-    LlamaLLM,
-    _arguments_as_objects,
-    _call_or_text,
-    _parse_calls,
-    requantized,
-)
+from appliance.plugins.llama.engine import requantized
+from appliance.plugins.llama.llm import LlamaLLM
+from appliance.plugins.llama.tools import arguments_as_objects, call_or_text, parse_calls
 from appliance.plugins.priority import Priority
 from appliance.plugins.shared_vad import SharedVAD
 from appliance.plugins.whisper.stt import WhisperSTT
@@ -305,12 +301,12 @@ def test_llm_forced_tool_choice_gives_a_valid_call(models: Any) -> None:
     ],
 )
 def test_the_reply_start_decides_between_a_tool_call_and_speech(head: str, decision: str) -> None:
-    assert _call_or_text(head) == decision
+    assert call_or_text(head) == decision
 
 
 def test_tool_calls_parse_in_the_hermes_and_the_llama_formats() -> None:
-    hermes = _parse_calls('<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>', None)
-    llama = _parse_calls('{"name": "f", "parameters": {"a": 1}}', None)
+    hermes = parse_calls('<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>', None)
+    llama = parse_calls('{"name": "f", "parameters": {"a": 1}}', None)
     for [call] in (hermes, llama):
         assert call.name == "f" and json.loads(call.arguments) == {"a": 1}
 
@@ -321,7 +317,7 @@ def test_templates_with_tools_get_arguments_as_objects() -> None:
         "role": "assistant",
         "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": '{"a": 1}'}}],
     }
-    out = _arguments_as_objects(msg)
+    out = arguments_as_objects(msg)
     assert out["tool_calls"][0]["function"]["arguments"] == {"a": 1}
     assert msg["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'  # input untouched
 
@@ -477,7 +473,7 @@ def test_push_to_talk_transcribes_at_the_pause_and_the_release_finds_it_done(
 def test_whisper_in_a_fitted_window_and_in_the_full_one(
     models: Any, speak: Any, window: str, beam_size: int
 ) -> None:
-    from appliance.plugins.whisper.stt import transcribe
+    from appliance.plugins.whisper.engine import transcribe
 
     speech = speak("How many legs does a spider have?").astype(np.float32) / 32768
     text, confidence = transcribe(models.whisper, speech, "en", window=window, beam_size=beam_size)
@@ -494,7 +490,7 @@ def test_a_short_answer_is_heard_once_in_the_fitted_window(
     """tiny.en in a fitted window heard these (with the half second of silence the VAD
     leaves after them) as "Yes? Yes? Yes? ...": such a loop is transcribed again in the
     full window."""
-    from appliance.plugins.whisper.stt import _loops, transcribe
+    from appliance.plugins.whisper.engine import _loops, transcribe
 
     speech = np.concatenate([speak(answer), np.zeros(8000, np.int16)]).astype(np.float32)
     text, _confidence = transcribe(models.whisper, speech / 32768, "en")
@@ -505,7 +501,7 @@ def test_an_interim_that_loops_gives_no_words(models: Any, speak: Any) -> None:
     """Interims are not redone in the full window (that would delay the final): a looping
     one is dropped. This "No." loops in the fitted window (the test above fails without
     the redo)."""
-    from appliance.plugins.whisper.stt import transcribe
+    from appliance.plugins.whisper.engine import transcribe
 
     speech = np.concatenate([speak("No."), np.zeros(8000, np.int16)]).astype(np.float32)
     assert transcribe(models.whisper, speech / 32768, "en", redo_loops=False) == ("", 0.0)
@@ -520,7 +516,7 @@ def test_a_replys_first_words_are_generated_on_more_threads(
     its LLM on two threads throughout; a small model shows the switch.)"""
     import llama_cpp
 
-    from appliance.plugins.llama.llm import LocalLlama
+    from appliance.plugins.llama.engine import LocalLlama
 
     gguf = model_file("llama.cpp/smollm2-135m-instruct", ".gguf")
     local = LocalLlama(str(gguf), n_ctx=512, threads=1, first_threads=2)

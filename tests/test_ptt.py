@@ -22,15 +22,9 @@ import pytest
 from gpiozero.pins.mock import MockFactory
 
 from appliance import config as config_mod
-from appliance.ptt.buttons import (
-    Debouncer,
-    EvdevButton,
-    GpiodButton,
-    GpiozeroButton,
-    PushToTalk,
-    make_led,
-    serve_button,
-)
+from appliance.ptt.inputs import Debouncer, EvdevButton, GpiodButton, GpiozeroButton
+from appliance.ptt.led import make_led
+from appliance.ptt.turns import PushToTalk, serve_button
 from appliance.usb.audio import UsbAudio
 from appliance.usb.kiosk import serve_usb
 from bench.room_sim import Room

@@ -316,15 +316,15 @@ class StandInLink:
         self.output = DrainedPlayout()
         session.input.audio = LiveInput("stand-in room")
         session.output.audio = self.output
-        local_in.tap = self._tap
-        local_out.feed = lambda n: np.zeros(n, np.int16)
+        local_in.divert(self._tap)
+        local_out.divert(lambda n: np.zeros(n, np.int16))
 
     def _tap(self, frame: rtc.AudioFrame) -> None:
         self.published += 1
 
     def detach(self, local_in: LiveInput, local_out: Playout) -> None:
-        local_in.tap = None
-        local_out.feed = None
+        local_in.divert(None)
+        local_out.divert(None)
 
     async def aclose(self, hangup: bool = False) -> None:
         self.closed = hangup

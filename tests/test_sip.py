@@ -28,7 +28,7 @@ import pytest
 
 from appliance import config as config_mod
 from appliance.audio.pcm import resample
-from appliance.observe.events import Conversation
+from appliance.observe.events import SessionInfo
 from appliance.service import Service
 from appliance.sip import g711, rtp
 from appliance.systemd import Notifier
@@ -59,11 +59,11 @@ class Recorder(Service):
 
     def __init__(self, *args: Any, keep: bool = True, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        self.conversations: list[Conversation] = []
+        self.conversations: list[SessionInfo] = []
         self.started = 0
         self._keep = keep
 
-    def _session_started(self, conv: Conversation) -> None:
+    def _session_started(self, conv: SessionInfo) -> None:
         self.started += 1
         if self._keep:
             self.conversations.append(conv)
@@ -245,7 +245,7 @@ def utterances(pcm16k: np.ndarray, gap_s: float = 0.6) -> list[np.ndarray]:
     return [p.astype(np.float32) / 32768 for p in pieces if len(p)]
 
 
-def items(conv: Conversation) -> list[tuple[str, str]]:
+def items(conv: SessionInfo) -> list[tuple[str, str]]:
     return [
         (i.role, i.text_content or "")
         for i in conv.session.history.items
@@ -256,7 +256,7 @@ def items(conv: Conversation) -> list[tuple[str, str]]:
 def test_a_call_asks_hears_the_answer_and_sends_dtmf(
     models: Any, speak: Callable[..., np.ndarray], tmp_path: Path
 ) -> None:
-    from appliance.plugins.whisper.stt import transcribe
+    from appliance.plugins.whisper.engine import transcribe
 
     port = free_udp_port()
     question = rtp_pcap(tmp_path / "question.pcap", speak("What is the capital of France?"))
@@ -585,7 +585,7 @@ def test_stopping_refuses_new_calls_and_ends_calls_after_the_sentence(
     assert out["took"] < config.service.drain_timeout + 5
 
 
-def speaking(conv: Conversation) -> bool:
+def speaking(conv: SessionInfo) -> bool:
     return conv.session.agent_state == "speaking"
 
 
@@ -724,7 +724,7 @@ def test_a_baresip_phone_talks_both_ways_and_sends_dtmf(
     (the sndfile module), DTMF keys typed on its console during the call."""
     import soundfile
 
-    from appliance.plugins.whisper.stt import transcribe
+    from appliance.plugins.whisper.engine import transcribe
 
     port, phone_port = free_udp_port(), free_udp_port()
     question = resample(speak("What is the capital of France?"), 16000, 8000)

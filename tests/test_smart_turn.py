@@ -18,10 +18,10 @@ import pytest
 from livekit import rtc
 from livekit.agents.language import LanguageCode
 
-from appliance.plugins.smart_turn.detector import (
+from appliance.plugins.smart_turn.detector import SmartTurnDetector
+from appliance.plugins.smart_turn.engine import (
     MODEL_NAME,
     PROVIDER,
-    SmartTurnDetector,
     SmartTurnModel,
     SmartTurnModelError,
 )

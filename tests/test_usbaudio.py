@@ -8,6 +8,8 @@ bridge's own pacer keeps them at real time.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +22,12 @@ from appliance.usb.audio import UsbAudio, find_device, list_devices
 from bench.room_sim import file_pcms
 
 FIRMWARE_ALSA = Path(__file__).parent.parent / "firmware" / "alsa" / "asound.conf"
+# PCMs without ALSA's own alsa.conf: PortAudio's device listing fails a C assertion on them
+# (pa_linux_alsa.c: BuildDeviceList: Assertion `devIdx < numDeviceNames' failed: SIGABRT)
+ABORTING_ALSA = """\
+pcm.held_in { type file slave.pcm { type null } file "/dev/null" infile "in.raw" format "raw" }
+pcm.held_out { type file slave.pcm { type null } file "/dev/null" format "raw" }
+"""
 
 
 @pytest.fixture(params=["plain", "production"])
@@ -114,8 +122,6 @@ def test_playback_is_bit_exact_and_reports_the_played_position(alsa_files: Path)
 
 def test_devices_command_lists_the_named_pcms(alsa_files: Path) -> None:
     import json
-    import subprocess
-    import sys
 
     out = subprocess.run(
         [sys.executable, "-m", "appliance", "devices", "--json"], capture_output=True, text=True
@@ -140,7 +146,7 @@ def test_device_threads_ask_for_real_time_priority(alsa_files: Path) -> None:
         try:
             assert await usb.wait_connected(5)
             ids = [usb.microphone.device.native_id, usb.speaker.device.native_id]
-            return [os.sched_getscheduler(i) for i in ids if i is not None]
+            return [os.sched_getscheduler(i) & ~os.SCHED_RESET_ON_FORK for i in ids if i]
         finally:
             usb.close()
 
@@ -148,3 +154,79 @@ def test_device_threads_ask_for_real_time_priority(alsa_files: Path) -> None:
     allowed = os.geteuid() == 0 or soft == resource.RLIM_INFINITY or soft >= 5
     expected = os.SCHED_FIFO if allowed else os.SCHED_OTHER
     assert policies == [expected, expected]
+
+
+@pytest.fixture
+def aborting_alsa(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """ALSA_CONFIG_PATH set to ABORTING_ALSA; the config's path."""
+    conf = tmp_path / "asound.conf"
+    conf.write_text(ABORTING_ALSA)
+    (tmp_path / "in.raw").write_bytes(bytes(32000))
+    monkeypatch.setenv("ALSA_CONFIG_PATH", str(conf))
+    return conf
+
+
+def run_python(*argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *argv], capture_output=True, text=True, cwd=cwd, timeout=60
+    )
+
+
+def test_devices_command_reports_an_alsa_config_that_aborts_portaudio(
+    aborting_alsa: Path,
+) -> None:
+    out = run_python("-m", "appliance", "devices", cwd=aborting_alsa.parent)
+    assert out.returncode == 1, (out.returncode, out.stderr)  # not -6: SIGABRT
+    said = f"error: PortAudio cannot list the audio devices with the ALSA config {aborting_alsa}:"
+    assert out.stderr.startswith(said), out.stderr
+    assert "SIGABRT" in out.stderr and "Assertion" in out.stderr
+    assert "firmware/alsa/asound.conf is known to work" in out.stderr
+
+
+def test_listing_devices_raises_instead_of_aborting(aborting_alsa: Path) -> None:
+    code = (
+        "from appliance.usb.audio import AudioDeviceError, list_devices\n"
+        "try:\n"
+        "    list_devices()\n"
+        "except AudioDeviceError as exc:\n"
+        "    print('raised:', exc)\n"
+    )
+    out = run_python("-c", code, cwd=aborting_alsa.parent)
+    assert out.returncode == 0, (out.returncode, out.stderr)
+    assert out.stdout.startswith(
+        f"raised: PortAudio cannot list the audio devices with the ALSA config {aborting_alsa}"
+    )
+
+
+KIOSK_AUDIO = """\
+import asyncio, logging, pathlib, sys
+from appliance.config import AudioConfig
+from appliance.usb.audio import UsbAudio
+
+async def main() -> None:
+    usb = UsbAudio(AudioConfig(enabled=True, input="held_in", output="held_out"))
+    usb.start()
+    try:
+        print("before the fix:", await usb.wait_connected(2.0), flush=True)
+        pathlib.Path(sys.argv[1]).write_text(sys.argv[2])
+        print("after the fix:", await usb.wait_connected(10.0), flush=True)
+    finally:
+        usb.close()
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+asyncio.run(main())
+"""
+
+
+def test_kiosk_audio_survives_an_aborting_alsa_config_and_recovers(aborting_alsa: Path) -> None:
+    """The device threads log once each, keep retrying (probing again), and open the
+    devices once the config is fixed, with no restart."""
+    infile = aborting_alsa.parent / "in.raw"
+    fixed = "</usr/share/alsa/alsa.conf>\n" + ABORTING_ALSA.replace('"in.raw"', f'"{infile}"')
+    out = run_python("-c", KIOSK_AUDIO, str(aborting_alsa), fixed, cwd=aborting_alsa.parent)
+    assert out.returncode == 0, (out.returncode, out.stderr)
+    assert out.stdout.splitlines() == ["before the fix: False", "after the fix: True"]
+    lost = [line for line in out.stderr.splitlines() if " unavailable: PortAudio cannot" in line]
+    assert len(lost) == 2, out.stderr  # input and output, each once however many retries
+    assert all(line.startswith("ERROR audio ") and str(aborting_alsa) in line for line in lost)
+    assert out.stderr.count("is back") == 2, out.stderr

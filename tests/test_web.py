@@ -31,7 +31,7 @@ from appliance import config as config_mod
 from appliance.observe.events import EventHub
 from appliance.observe.metrics import Metrics
 from appliance.observe.web import MAX_MESSAGE, host_names, make_app, serve
-from appliance.ptt.buttons import PushToTalk
+from appliance.ptt.turns import PushToTalk
 from appliance.service import Service
 from appliance.systemd import Notifier
 from bench.room_sim import Room

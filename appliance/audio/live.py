@@ -106,10 +106,18 @@ class LiveInput(io.AudioInput):
             maxsize=queue_frames
         )
         self.attached = False  # frames reach the session only while it listens
-        # while set (the conversation is in a LiveKit room), frames go here instead
-        self.tap: Callable[[rtc.AudioFrame], None] | None = None
+        self._diverted_to: Callable[[rtc.AudioFrame], None] | None = None
         # seconds from capture to the session taking the frame, last 1000 frames
         self.handoff_s: deque[float] = deque(maxlen=1000)
+
+    def divert(self, to: Callable[[rtc.AudioFrame], None] | None) -> None:
+        """Send the frames to `to` instead of the session (while the conversation is in a
+        LiveKit room, the room hears this source); None gives them back to the session."""
+        self._diverted_to = to
+
+    @property
+    def diverted(self) -> bool:
+        return self._diverted_to is not None
 
     def on_attached(self) -> None:
         self.attached = True
@@ -122,8 +130,9 @@ class LiveInput(io.AudioInput):
 
     def deliver(self, frame: rtc.AudioFrame, captured_at: float | None = None) -> bool:
         """Queue a frame for the session; False if nobody listens (it is dropped)."""
-        if self.tap is not None:
-            self.tap(frame)
+        diverted_to = self._diverted_to
+        if diverted_to is not None:
+            diverted_to(frame)
             return False
         if not self.attached:
             return False
@@ -168,8 +177,12 @@ class Playout(io.AudioOutput):
         self.latency_s = 0.0  # from a block being taken to it being heard
         self.segments: list[dict[str, float | bool]] = []
         self.samples_taken = 0  # reply samples the sink has taken, at its rate
-        # while set (the conversation is in a LiveKit room), the sink plays this instead
-        self.feed: Callable[[int], np.ndarray] | None = None
+        self._diverted_from: Callable[[int], np.ndarray] | None = None
+
+    def divert(self, source: Callable[[int], np.ndarray] | None) -> None:
+        """Play `source(n)` instead of the session's replies (while the conversation is in a
+        LiveKit room, the room's mix); None gives the sink back to the session."""
+        self._diverted_from = source
 
     # -- what a sink defines --
 
@@ -285,9 +298,9 @@ class Playout(io.AudioOutput):
 
     def take(self, step: int) -> tuple[np.ndarray, Touched]:
         """The next block of `step` samples (silence when idle or paused)."""
-        feed = self.feed
-        if feed is not None:
-            return feed(step), []
+        source = self._diverted_from
+        if source is not None:
+            return source(step), []
         with self._lock:
             if self._paused or not self._queue:
                 return np.zeros(step, np.int16), []

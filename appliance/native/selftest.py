@@ -40,9 +40,17 @@ class Result:
 class Pending:
     """A self-test running in its child process."""
 
-    def __init__(self, name: str, argv: list[str], fix: str, env: dict[str, str] | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        fix: str,
+        env: dict[str, str] | None,
+        crash: str = "this build does not run on this CPU",
+    ) -> None:
         self.name = name
         self.fix = fix
+        self.crash = crash  # what a crash (a signal) means
         self._start = time.perf_counter()
         self._proc = subprocess.Popen(
             argv,
@@ -62,17 +70,15 @@ class Pending:
             self._proc.communicate()
             return self._done(False, f"no answer within {timeout:g} s (killed)")
         code = self._proc.returncode
+        lines = [line.strip() for line in err.splitlines() if line.strip()]
         if code < 0:
             try:
                 sig = signal.Signals(-code).name
             except ValueError:
                 sig = f"signal {-code}"
-            return self._done(
-                False,
-                f"the self-test crashed with {sig}: this build does not run on this CPU",
-            )
+            said = f" ({lines[-1]})" if lines else ""  # an assertion's message, say
+            return self._done(False, f"the self-test crashed with {sig}: {self.crash}{said}")
         if code != 0:
-            lines = [line for line in err.strip().splitlines() if line.strip()]
             return self._done(False, f"the self-test failed: {lines[-1] if lines else code}")
         try:
             detail = str(json.loads(out.strip().splitlines()[-1])["detail"])
@@ -85,10 +91,16 @@ class Pending:
         return Result(self.name, ok, detail, "" if ok else self.fix, seconds)
 
 
-def start(kind: str, *args: str, fix: str, env: dict[str, str] | None = None) -> Pending:
+def start(
+    kind: str,
+    *args: str,
+    fix: str,
+    env: dict[str, str] | None = None,
+    crash: str = "this build does not run on this CPU",
+) -> Pending:
     """Start `python -m appliance.native.selftest KIND ARGS` in a child process."""
     argv = [sys.executable, "-m", "appliance.native.selftest", kind, *args]
-    return Pending(kind, argv, fix, env)
+    return Pending(kind, argv, fix, env, crash)
 
 
 def llama_fix() -> str:
@@ -148,7 +160,7 @@ def _child_ctranslate2(model_dir: str) -> str:
     with tempfile.TemporaryFile("w+") as log:
         os.dup2(log.fileno(), 2)
         try:
-            from appliance.plugins.whisper.stt import load_model, transcribe
+            from appliance.plugins.whisper.engine import load_model, transcribe
 
             model = load_model(model_dir, threads=1)
         finally:
@@ -198,13 +210,13 @@ def _child_onnxruntime(voice: str, turn: str = "") -> str:
     import onnxruntime
 
     from appliance.native.build import cpu_flags
-    from appliance.plugins.piper.tts import PiperVoice
+    from appliance.plugins.piper.engine import PiperVoice
 
     piper = PiperVoice(Path(voice), Path(voice + ".json"), threads=1)
     audio = piper.synthesize("Ready.")
     done = f"Piper rendered {len(audio) / piper.sample_rate:.1f} s of speech"
     if turn:  # int8: MLAS's quantized kernels
-        from appliance.plugins.smart_turn.detector import SmartTurnModel
+        from appliance.plugins.smart_turn.engine import SmartTurnModel
 
         SmartTurnModel(Path(turn), threads=1).predict(np.zeros(16000, np.int16))
         done += ", smart-turn ran"
@@ -215,11 +227,15 @@ def _child_onnxruntime(voice: str, turn: str = "") -> str:
 
 
 def _child_portaudio() -> str:
-    from appliance.usb.audio import _pyaudio, list_devices
+    from appliance.usb.portaudio import list_devices, load_pyaudio
 
-    devices = list_devices()
-    version = _pyaudio().get_portaudio_version_text()
-    return f"{version}; {len(devices)} devices"
+    pyaudio = load_pyaudio()
+    pa = pyaudio.PyAudio()  # where an ALSA config can abort the process
+    try:
+        devices = list_devices(pa)
+    finally:
+        pa.terminate()
+    return f"{pyaudio.get_portaudio_version_text()}; {len(devices)} devices"
 
 
 CHILDREN: dict[str, Callable[..., str]] = {
@@ -231,6 +247,10 @@ CHILDREN: dict[str, Callable[..., str]] = {
 
 
 def main(argv: list[str]) -> int:
+    import resource
+
+    # a crash here is the finding: no core file (the kiosk probes PortAudio at each retry)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
     kind, *args = argv
     print(json.dumps({"detail": CHILDREN[kind](*args)}), flush=True)
     return 0

@@ -20,27 +20,22 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from appliance.observe.metrics import stage_figures
+
 if TYPE_CHECKING:
     from livekit.agents import AgentSession
 
+    from appliance.config import HttpConfig
     from appliance.room import RoomBridge
     from appliance.session.builder import TextSink
 
 SCHEMA_VERSION = 1
 RECENT = 200  # messages replayed to a new subscriber
 QUEUE = 500  # messages a slow subscriber may lag behind
-# livekit per-message metric -> our figure, in the `metrics` message
-FIGURES = {
-    "end_of_turn_delay": "end_of_turn_ms",
-    "transcription_delay": "stt_ms",
-    "llm_node_ttft": "llm_first_token_ms",
-    "tts_node_ttfb": "tts_first_audio_ms",
-    "e2e_latency": "voice_to_voice_ms",
-}
 
 
 @dataclass
-class Conversation:
+class SessionInfo:
     """One session as the bridges and the observers see it."""
 
     id: str
@@ -144,7 +139,7 @@ class EventHub:
 
     # -- sessions --
 
-    def observe(self, conv: Conversation) -> None:
+    def observe(self, conv: SessionInfo) -> None:
         """Publish this conversation's events until it closes."""
         sid, call = conv.id, conv.call
         stats = SessionStats(sid, conv.bridge, conv.manual, call, time.time(), room=conv.room)
@@ -188,11 +183,8 @@ class EventHub:
                 text=item.text_content or "",
                 interrupted=bool(getattr(item, "interrupted", False)),
             )
-            figures = {
-                name: round(float(value) * 1000, 1)
-                for key, name in FIGURES.items()
-                if isinstance(value := (getattr(item, "metrics", None) or {}).get(key), int | float)
-            }
+            seconds = stage_figures(role, getattr(item, "metrics", None))
+            figures = {f"{stage}_ms": round(value * 1000, 1) for stage, value in seconds.items()}
             if figures:
                 pub("metrics", role=role, **figures)
                 if "voice_to_voice_ms" in figures:
@@ -246,6 +238,12 @@ def describe(message: dict[str, Any]) -> str:
     else:
         what = " ".join(f"{k}={v}" for k, v in d.items())
     return f"{ts} {who:8} {kind:24} {what}"
+
+
+def stream_url(http: HttpConfig) -> str:
+    """The daemon's events WebSocket as this machine reaches it (loopback for a wildcard)."""
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
+    return f"ws://{host}:{http.port}/api/events"
 
 
 async def follow(url: str, token: str, as_json: bool) -> int:

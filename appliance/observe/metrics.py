@@ -25,15 +25,29 @@ if TYPE_CHECKING:
 
     from appliance.session.modelset import LoadTimes
 
-# livekit per-message metric -> our stage name (user message / assistant message)
-USER_STAGES = {"end_of_turn_delay": "end_of_turn", "transcription_delay": "stt"}
-REPLY_STAGES = {
-    "llm_node_ttft": "llm_first_token",
-    "tts_node_ttfb": "tts_first_audio",
-    "e2e_latency": "voice_to_voice",
+# livekit's per-message metric -> our stage name, by the message's role: the one map behind
+# the /metrics histogram, the events stream (`<stage>_ms`) and the benchmarks
+STAGES: dict[str, dict[str, str]] = {
+    "user": {"end_of_turn_delay": "end_of_turn", "transcription_delay": "stt"},
+    "assistant": {
+        "llm_node_ttft": "llm_first_token",
+        "llm_node_ttfs": "llm_first_sentence",
+        "tts_node_ttfb": "tts_first_audio",
+        "e2e_latency": "voice_to_voice",
+    },
 }
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+
+def stage_figures(role: str, metrics: Mapping[str, object] | None) -> dict[str, float]:
+    """The stage figures (seconds) in one chat message's livekit metrics, by stage name."""
+    figures = {}
+    for key, stage in STAGES.get(role, {}).items():
+        value = (metrics or {}).get(key)
+        if isinstance(value, int | float) and value >= 0:
+            figures[stage] = float(value)
+    return figures
 
 
 class Metrics:
@@ -44,7 +58,8 @@ class Metrics:
         self.stage_seconds = Histogram(
             "appliance_stage_seconds",
             "Per-turn latency by stage (livekit's metrics): end_of_turn and stt after the "
-            "end of user speech, llm_first_token, tts_first_audio, voice_to_voice",
+            "end of user speech, llm_first_token, llm_first_sentence, tts_first_audio, "
+            "voice_to_voice",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -119,12 +134,8 @@ class Metrics:
             self.turns.labels(role).inc()
             if role == "assistant" and getattr(item, "interrupted", False):
                 self.interruptions.inc()
-            stages = USER_STAGES if role == "user" else REPLY_STAGES
-            figures = dict(getattr(item, "metrics", None) or {})
-            for key, stage in stages.items():
-                value = figures.get(key)
-                if isinstance(value, int | float) and value >= 0:
-                    self.stage_seconds.labels(stage).observe(value)
+            for stage, seconds in stage_figures(role, getattr(item, "metrics", None)).items():
+                self.stage_seconds.labels(stage).observe(seconds)
 
         def on_error(ev: Any) -> None:
             self.session_errors.labels(str(getattr(ev.error, "type", "unknown"))).inc()

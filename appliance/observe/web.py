@@ -47,7 +47,7 @@ from yarl import URL
 if TYPE_CHECKING:
     from appliance.observe.events import EventHub
     from appliance.observe.metrics import Metrics
-    from appliance.ptt.buttons import PushToTalk
+    from appliance.ptt.turns import PushToTalk
 
 logger = logging.getLogger("appliance.web")
 

@@ -29,7 +29,7 @@ from livekit.agents.voice import io
 from livekit.agents.voice.transcription.synchronizer import TranscriptSynchronizer
 from livekit.agents.voice.turn import TurnHandlingOptions
 
-from appliance.config import AgentConfig, Config, SessionConfig
+from appliance.config import BUILTIN_TOOLS, AgentConfig, Config, SessionConfig
 from appliance.plugins.shared_vad import SharedVAD
 from appliance.session.modelset import ModelSet
 
@@ -54,12 +54,13 @@ async def _end_conversation(context: RunContext) -> str:
     return "Goodbye."
 
 
-_TOOLS = {"current_time": _current_time, "end_conversation": _end_conversation}
+# each name in config.BUILTIN_TOOLS (what [agent] tools accepts) is the function `_<name>` here
+_TOOLS = {name: globals()[f"_{name}"] for name in BUILTIN_TOOLS}
 
 
 def build_tools(names: Sequence[str]) -> list[llm.Tool | llm.Toolset]:
     """The built-in function tools named in [agent] tools."""
-    return [function_tool(_TOOLS[name], name=name) for name in names]  # type: ignore[call-overload]
+    return [function_tool(_TOOLS[name], name=name) for name in names]
 
 
 def tool_choice(agent: AgentConfig) -> llm.ToolChoice | None:

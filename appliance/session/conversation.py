@@ -20,7 +20,7 @@ from livekit.agents import AgentSession
 from appliance import logs
 from appliance.audio.live import LiveInput, Playout
 from appliance.config import Config
-from appliance.observe.events import Conversation as ConversationInfo
+from appliance.observe.events import SessionInfo
 from appliance.room import Person, conversation_bridge
 from appliance.session.builder import (
     ApplianceAgent,
@@ -74,10 +74,10 @@ class Conversation:
         self.session.on("close", lambda _: self.closed.set())
         log_conversation(self.session)
 
-    def info(self) -> ConversationInfo:
+    def info(self) -> SessionInfo:
         """What the observers (metrics, the events stream, tests) see of it."""
         manual = self.config.turn_detection == "manual"
-        return ConversationInfo(
+        return SessionInfo(
             self.id,
             self.source,
             self.session,
@@ -91,7 +91,7 @@ class Conversation:
         self,
         agent: ApplianceAgent,
         *,
-        on_session: Callable[[ConversationInfo], object] | None = None,
+        on_session: Callable[[SessionInfo], object] | None = None,
         stop: asyncio.Event | None = None,
         before_start: Callable[[], None] | None = None,
         after_close: Callable[[], Awaitable[object]] | None = None,

@@ -22,7 +22,8 @@ import numpy as np
 from appliance.config import Config
 from appliance.native.selftest import LLAMA_TIMEOUT, start_llama
 from appliance.plugins.priority import Priority
-from appliance.store import disk as store
+from appliance.store.disk import ModelError, cache_dir, file_path, models_dir, sha256_of
+from appliance.store.integrity import TrustStore, expected_digest, require
 from appliance.store.manifest import load as load_manifest
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
 
-class NativeBuildError(store.ModelError):
+class NativeBuildError(ModelError):
     """A native library crashed or failed its self-test on this CPU."""
 
 
@@ -60,31 +61,31 @@ class ModelSet:
     """Everything the sessions of one process share."""
 
     def __init__(self, config: Config) -> None:
-        from appliance.plugins.llama.llm import LocalLlama, requantized
-        from appliance.plugins.piper.tts import PiperVoice, split_voice
-        from appliance.plugins.whisper.stt import load_model
+        from appliance.plugins.llama.engine import LocalLlama, requantized
+        from appliance.plugins.piper.engine import PiperVoice, split_voice
+        from appliance.plugins.whisper.engine import load_model
 
         self.config = config
         cfg = config.models
-        self.root = store.models_dir(cfg.dir)
+        self.root = models_dir(cfg.dir)
         manifest = load_manifest(cfg.manifest)
         self.entries = {model_id: manifest.models[model_id] for model_id in config.models_in_use()}
         self.times = LoadTimes()
 
         t0 = time.perf_counter()
         if cfg.verify:
-            store.require(self.entries.values(), self.root)
+            require(self.entries.values(), self.root)
         self.times.verify_s = time.perf_counter() - t0
 
         def path(model_id: str, suffix: str) -> Path:
             entry = self.entries[model_id]
-            return store.file_path(entry, entry.file(suffix).name, self.root)
+            return file_path(entry, entry.file(suffix).name, self.root)
 
         def sha256(model_id: str, suffix: str) -> str:
             entry = self.entries[model_id]
-            trust = store.TrustStore(self.root)  # the digest verification just checked
-            digest = store.expected_digest(entry, entry.file(suffix), trust)
-            return digest or store.sha256_of(path(model_id, suffix))  # unverified
+            trust = TrustStore(self.root)  # the digest verification just checked
+            digest = expected_digest(entry, entry.file(suffix), trust)
+            return digest or sha256_of(path(model_id, suffix))  # unverified
 
         def timed(name: str, start: float) -> None:
             self.times.load_s[name] = round(time.perf_counter() - start, 3)
@@ -93,7 +94,7 @@ class ModelSet:
         gguf = path(cfg.llm, ".gguf")
         if cfg.llm_requantize:
             digest = sha256(cfg.llm, ".gguf")
-            gguf = requantized(gguf, digest, cfg.llm_requantize, store.cache_dir())
+            gguf = requantized(gguf, digest, cfg.llm_requantize, cache_dir())
         timed("llm_requantize", t)
         # llama.cpp decodes in a child first (while Whisper loads here): a build that
         # crashes on this CPU stops the start-up with its fix instead of killing a call
@@ -125,12 +126,12 @@ class ModelSet:
             path(cfg.tts, ".onnx.json"),
             threads=cfg.threads,
             urgent_threads=cfg.tts_first_threads,
-            parts=split_voice(voice, sha256(cfg.tts, ".onnx"), store.cache_dir()),
+            parts=split_voice(voice, sha256(cfg.tts, ".onnx"), cache_dir()),
         )
         timed("tts", t)
         self.smart_turn = None
         if cfg.turn_model.startswith("smart-turn/") and cfg.turn_model in self.entries:
-            from appliance.plugins.smart_turn.detector import SmartTurnModel
+            from appliance.plugins.smart_turn.engine import SmartTurnModel
 
             t = time.perf_counter()
             self.smart_turn = SmartTurnModel(path(cfg.turn_model, ".onnx"), threads=1)
@@ -144,7 +145,7 @@ class ModelSet:
 
     def warm(self) -> None:
         """Run each model once so the first conversation pays no first-call costs."""
-        from appliance.plugins.whisper.stt import transcribe
+        from appliance.plugins.whisper.engine import transcribe
 
         t = time.perf_counter()
         transcribe(self.whisper, np.zeros(16000, np.float32), "en")
@@ -237,7 +238,7 @@ class ModelSet:
             from appliance.plugins.smart_turn.detector import SmartTurnDetector
 
             if self.smart_turn is None:
-                raise store.ModelError(f"{name} was not loaded by this model set")
+                raise ModelError(f"{name} was not loaded by this model set")
             return SmartTurnDetector(
                 self.smart_turn, executor=self.turn_executor, vad=vad, words=words
             )

@@ -26,16 +26,19 @@ from livekit.agents import AgentSession, RunContext, function_tool
 from appliance import logs
 from appliance.audio.live import LiveInput, Playout, Rechunker
 from appliance.audio.pcm import SESSION_RATE
+from appliance.audio.processing import TELEPHONY, AudioProcessor
 from appliance.config import Config, ConfigError, PttConfig
-from appliance.observe.events import Conversation as ConversationInfo
+from appliance.observe.events import SessionInfo
 from appliance.room import caller_person
 from appliance.session.builder import (
     ApplianceAgent,
 )
 from appliance.session.conversation import Conversation, drain
 from appliance.session.modelset import ModelSet
+from appliance.sip.call import Call
+from appliance.sip.digest import read_users
 from appliance.sip.rtp import RATE
-from appliance.sip.ua import Call, UserAgent, read_users
+from appliance.sip.ua import UserAgent
 
 logger = logging.getLogger("appliance.sip")
 
@@ -49,17 +52,14 @@ class CallAudioInput(LiveInput):
     def __init__(self, label: str) -> None:
         super().__init__(label, queue_frames=100)
         self._chunker = Rechunker(RATE, SESSION_RATE, BLOCK)
-        self._apm = rtc.AudioProcessingModule(
-            noise_suppression=True, high_pass_filter=True, auto_gain_control=True
-        )
+        self._processor = AudioProcessor(TELEPHONY)
 
     def push(self, pcm8k: np.ndarray) -> None:
         """20 ms from the jitter buffer (on the event loop)."""
         for block in self._chunker.push(pcm8k, RATE):
-            frame = rtc.AudioFrame(block.tobytes(), SESSION_RATE, 1, BLOCK)
-            if self.tap is None:  # in a room, the agent's RoomIO filters the caller
-                self._apm.process_stream(frame)
-            self.deliver(frame)
+            if not self.diverted:  # in a room, the agent's RoomIO filters the caller
+                block = self._processor.process(block, SESSION_RATE)
+            self.deliver(rtc.AudioFrame(block.tobytes(), SESSION_RATE, 1, BLOCK))
 
 
 class CallAudioOutput(Playout):
@@ -76,6 +76,31 @@ class CallAudioOutput(Playout):
         block, touched = self.take(n)
         self.taken(touched)
         return block
+
+
+class CallLine:
+    """The call's media (`appliance.sip.call.CallMedia`) wired to one conversation."""
+
+    def __init__(
+        self,
+        mic: CallAudioInput,
+        speaker: CallAudioOutput,
+        dtmf: DtmfCollector,
+        closed: asyncio.Event,
+    ) -> None:
+        self.mic, self.speaker, self.dtmf, self.closed = mic, speaker, dtmf, closed
+
+    def heard(self, pcm8k: np.ndarray) -> None:
+        self.mic.push(pcm8k)
+
+    def next_audio(self, n: int) -> np.ndarray:
+        return self.speaker.pull(n)
+
+    def pressed(self, digit: str) -> None:
+        self.dtmf.digit(digit)
+
+    def ended(self, reason: str) -> None:
+        self.closed.set()
 
 
 def _transfer_tool(call: Call, targets: dict[str, str]) -> Any:
@@ -145,7 +170,7 @@ async def serve_call(
     call: Call,
     config: Config,
     models: ModelSet,
-    on_session: Callable[[ConversationInfo], object] | None = None,
+    on_session: Callable[[SessionInfo], object] | None = None,
 ) -> None:
     """The conversation of one answered call, until either side hangs up."""
     logs.CALL_ID.set(call.call_id)
@@ -173,8 +198,7 @@ async def serve_call(
         number=call.number,
     )
     dtmf = DtmfCollector(conversation.session, info["dtmf"], config.sip.dtmf_timeout)
-    call.on_audio, call.source, call.on_dtmf = mic.push, speaker.pull, dtmf.digit
-    call.on_end = lambda reason: conversation.closed.set()
+    call.attach(CallLine(mic, speaker, dtmf, conversation.closed))
     targets = config.sip.transfer_targets
     tools = [_transfer_tool(call, targets)] if targets else []
 
@@ -197,7 +221,7 @@ async def serve_sip(
     models: ModelSet,
     stop: asyncio.Event,
     *,
-    on_session: Callable[[ConversationInfo], object] | None = None,
+    on_session: Callable[[SessionInfo], object] | None = None,
     on_call: Callable[[Call, bool], object] | None = None,
     ready: asyncio.Future[UserAgent] | None = None,
 ) -> None:
@@ -219,7 +243,7 @@ async def serve_sip(
     sessions: dict[str, tuple[AgentSession, Call]] = {}
     tasks: set[asyncio.Task[None]] = set()
 
-    def conversation_started(conv: ConversationInfo) -> None:
+    def conversation_started(conv: SessionInfo) -> None:
         call = ua.calls.get(conv.call or "")
         if call is not None:
             sessions[call.call_id] = (conv.session, call)

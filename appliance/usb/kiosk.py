@@ -16,8 +16,8 @@ import logging
 from collections.abc import Callable
 
 from appliance.config import Config
-from appliance.observe.events import Conversation as ConversationInfo
-from appliance.ptt.buttons import PushToTalk
+from appliance.observe.events import SessionInfo
+from appliance.ptt.turns import PushToTalk
 from appliance.room import kiosk_person
 from appliance.session.builder import ApplianceAgent
 from appliance.session.conversation import Conversation
@@ -34,7 +34,7 @@ async def serve_usb(
     stop: asyncio.Event,
     *,
     usb: UsbAudio | None = None,
-    on_session: Callable[[ConversationInfo], object] | None = None,
+    on_session: Callable[[SessionInfo], object] | None = None,
     ptt: PushToTalk | None = None,
 ) -> None:
     """Run kiosk conversations on the USB devices until `stop` is set, then drain.
@@ -72,7 +72,7 @@ async def _one_session(
     models: ModelSet,
     stop: asyncio.Event,
     usb: UsbAudio,
-    on_session: Callable[[ConversationInfo], object] | None,
+    on_session: Callable[[SessionInfo], object] | None,
     ptt: PushToTalk | None = None,
 ) -> None:
     """One conversation, from a fresh session until it closes or the daemon stops."""
