@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from livekit.agents import AgentSession
 
     from appliance.config import HttpConfig
-    from appliance.room import RoomBridge
+    from appliance.room.bridge import RoomBridge
     from appliance.session.builder import TextSink
 
 SCHEMA_VERSION = 1

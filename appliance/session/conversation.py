@@ -21,7 +21,8 @@ from appliance import logs
 from appliance.audio.live import LiveInput, Playout
 from appliance.config import Config
 from appliance.observe.events import SessionInfo
-from appliance.room import Person, conversation_bridge
+from appliance.room.bridge import conversation_bridge
+from appliance.room.people import Person
 from appliance.session.builder import (
     ApplianceAgent,
     TextSink,

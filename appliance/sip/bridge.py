@@ -29,7 +29,7 @@ from appliance.audio.pcm import SESSION_RATE
 from appliance.audio.processing import TELEPHONY, AudioProcessor
 from appliance.config import Config, ConfigError, PttConfig
 from appliance.observe.events import SessionInfo
-from appliance.room import caller_person
+from appliance.room.people import caller_person
 from appliance.session.builder import (
     ApplianceAgent,
 )

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from appliance.config import Config
 from appliance.observe.events import SessionInfo
 from appliance.ptt.turns import PushToTalk
-from appliance.room import kiosk_person
+from appliance.room.people import kiosk_person
 from appliance.session.builder import ApplianceAgent
 from appliance.session.conversation import Conversation
 from appliance.session.modelset import ModelSet
