@@ -1,5 +1,6 @@
-"""Contract of appliance/plugins/compat.py: the private livekit-agents and llama-cpp-python
-names it wraps exist, with the shapes it uses, in the pinned versions."""
+"""Contract of the compat modules: the private livekit-agents names `appliance/plugins/compat.py`
+wraps and the llama-cpp-python ones `appliance/plugins/llama/compat.py` wraps exist, with the
+shapes they use, in the pinned versions."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import inspect
 from importlib.metadata import version
 
 from appliance.plugins import compat
+from appliance.plugins.llama import compat as llama_compat
 
 
 def test_the_pinned_versions_are_the_ones_the_contract_was_written_for() -> None:
@@ -36,6 +38,31 @@ def test_the_llama_wrappers_reach_the_evaluated_tokens_and_the_output_silencer()
 
         _input_ids = np.array([1, 2, 3], dtype=np.intc)
 
-    assert compat.evaluated_tokens(Evaluated()) == [1, 2, 3]
-    with compat.suppress_native_output():
+    assert llama_compat.evaluated_tokens(Evaluated()) == [1, 2, 3]
+    with llama_compat.suppress_native_output():
         pass
+
+
+ENGINES = [
+    "appliance.plugins.whisper.engine",
+    "appliance.plugins.llama.engine",
+    "appliance.plugins.llama.tools",
+    "appliance.plugins.piper.engine",
+    "appliance.plugins.piper.text",
+    "appliance.plugins.smart_turn.engine",
+]
+
+
+def test_the_model_engines_load_without_livekit() -> None:
+    """Each engine module stands alone; only the plugin adapters import livekit."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, sys\n"
+        f"for name in {ENGINES!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith('livekit')}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]

@@ -1,15 +1,13 @@
-"""The private livekit-agents and llama-cpp-python API the plugins rely on, in one place.
+"""The private livekit-agents API the plugins rely on, in one place.
 
 livekit-agents 1.8.9 has no public base class for a streaming end-of-turn detector (its own
-`inference.TurnDetector` is built on the private one), and llama-cpp-python 0.3.36 exposes the
-evaluated tokens (what the KV cache holds) only as `Llama._input_ids`. Every such name is used
-through this module; `tests/test_compat.py` checks each against the pinned versions, so an
-upgrade that moves one fails there, by name, instead of somewhere in a conversation.
+`inference.TurnDetector` is built on the private one). Every such name is used through this
+module (llama-cpp-python's through `appliance.plugins.llama.compat`); `tests/test_compat.py`
+checks each against the pinned versions, so an upgrade that moves one fails there, by name,
+instead of somewhere in a conversation.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from livekit.agents.inference.eot.base import (
     _BaseStreamingTurnDetector as BaseStreamingTurnDetector,
@@ -25,10 +23,8 @@ __all__ = [
     "StreamingTurnDetector",
     "audio_pending",
     "drain_audio",
-    "evaluated_tokens",
     "request_id",
     "resolve_prediction",
-    "suppress_native_output",
 ]
 
 
@@ -60,16 +56,3 @@ def resolve_prediction(
     stream._resolve_prediction(
         rid, probability, inference_duration=inference_duration, detection_delay=detection_delay
     )
-
-
-def evaluated_tokens(llama: Any) -> list[int]:
-    """The tokens a `llama_cpp.Llama` has evaluated (its KV cache holds them), in order."""
-    tokens: list[int] = llama._input_ids.tolist()  # numpy gives Python ints
-    return tokens
-
-
-def suppress_native_output() -> Any:
-    """llama-cpp-python's context manager that silences llama.cpp's stdout/stderr chatter."""
-    from llama_cpp._utils import suppress_stdout_stderr
-
-    return suppress_stdout_stderr(disable=False)

@@ -20,7 +20,7 @@ import numpy as np
 from llama_cpp import Llama, LlamaGrammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from appliance.plugins import compat
+from appliance.plugins.llama import compat
 from appliance.plugins.llama.tools import arguments_as_objects, fold_tools, forced_grammar
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ from livekit.agents.types import (
 from llama_cpp import Llama
 
 from appliance.observe import trace
-from appliance.plugins import compat
+from appliance.plugins.llama import compat
 from appliance.plugins.llama.engine import SPECULATE, LocalLlama, Request, render_request
 from appliance.plugins.llama.tools import ToolCall, call_or_text, parse_calls
 from appliance.plugins.priority import Priority
