@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +50,20 @@ def transcribed_as(expected: str, transcript: str) -> bool:
 def model_file(model_id: str, suffix: str) -> Path:
     entry = manifest.load().models[model_id]
     return file_path(entry, entry.file(suffix).name, MODELS_DIR)
+
+
+def free_tcp_port() -> int:
+    """A TCP port free on loopback now (the test binds it soon after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_udp_port() -> int:
+    """A UDP port free on loopback now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -32,14 +32,13 @@ from appliance.config import ConfigError, LivekitConfig, parse
 from appliance.usb.audio import UsbAudio
 from bench import room_sim as audiosim
 
-from .conftest import transcribed_as
+from .conftest import free_udp_port, transcribed_as
 from .test_kiosk import ask, kiosk_config, rms, run_kiosk
 from .test_sip import (
     ECHO_PHONE,
     SIPP,
     Recorder,
     finish,
-    free_udp_port,
     items,
     run_sip,
     sip_config,

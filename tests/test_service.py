@@ -32,6 +32,8 @@ from appliance.service import Service
 from appliance.systemd import JournalHandler, Notifier
 from bench.room_sim import Room
 
+from .conftest import free_tcp_port
+
 UNIT = Path(__file__).parent.parent / "systemd" / "appliance.service"
 LONG_GREETING = (
     "Welcome to the museum kiosk. I can tell you about the exhibitions, the opening hours, "
@@ -90,12 +92,6 @@ def notify(tmp_path: Path) -> Iterator[NotifySocket]:
     n = NotifySocket(tmp_path / "notify.sock")
     yield n
     n.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Daemon:
@@ -160,7 +156,7 @@ def loud_seconds(pcm: np.ndarray, threshold: int = 300) -> float:
 def test_ready_status_watchdog_metrics_and_reload(
     room: Room, notify: NotifySocket, speak: Callable[..., np.ndarray], tmp_path: Path
 ) -> None:
-    port = free_port()
+    port = free_tcp_port()
     env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "2000000"}
     daemon = Daemon(tmp_path, kiosk_toml(port), env)
     try:
@@ -220,7 +216,7 @@ def test_sigterm_during_a_reply_lets_it_finish_then_exits(
     room: Room, notify: NotifySocket, speak: Callable[..., np.ndarray], tmp_path: Path
 ) -> None:
     env = {"NOTIFY_SOCKET": str(notify.path)}
-    daemon = Daemon(tmp_path, kiosk_toml(free_port(), greeting=LONG_GREETING), env)
+    daemon = Daemon(tmp_path, kiosk_toml(free_tcp_port(), greeting=LONG_GREETING), env)
     try:
         notify.wait_for("READY", "1")
         deadline = time.monotonic() + 20
@@ -385,7 +381,7 @@ def test_a_bad_unit_key_is_caught(tmp_path: Path) -> None:
 def test_a_missing_button_is_reported_and_the_kiosk_keeps_serving(
     room: Room, notify: NotifySocket, tmp_path: Path
 ) -> None:
-    toml = kiosk_toml(free_port()) + '\n[ptt]\nbackend = "gpiod"\nchip = "no-such-chip"\n'
+    toml = kiosk_toml(free_tcp_port()) + '\n[ptt]\nbackend = "gpiod"\nchip = "no-such-chip"\n'
     toml += 'led_backend = "sysfs"\nled_name = "no-such-led"\n'
     daemon = Daemon(tmp_path, toml, {"NOTIFY_SOCKET": str(notify.path)})
     try:

@@ -33,24 +33,12 @@ from appliance.service import Service
 from appliance.sip import g711, rtp
 from appliance.systemd import Notifier
 
-from .conftest import transcribed_as
+from .conftest import free_tcp_port, free_udp_port, transcribed_as
 
 REPO = Path(__file__).parent.parent
 SIPP = shutil.which("sipp")
 SCENARIOS = Path(__file__).parent / "sipp"
 pytestmark = pytest.mark.skipif(SIPP is None, reason="needs sipp (Debian sip-tester)")
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Recorder(Service):

@@ -36,19 +36,13 @@ from appliance.service import Service
 from appliance.systemd import Notifier
 from bench.room_sim import Room
 
-from .conftest import transcribed_as
+from .conftest import free_tcp_port, transcribed_as
 
 REPO = Path(__file__).parent.parent
 ARTIFACTS = REPO / "test-artifacts"
 SCHEMA = json.loads((REPO / "appliance" / "static" / "events.schema.json").read_text())
 CHROMIUM = shutil.which("chromium")
 TOKEN = "test-token-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def web_config(port: int, **session: Any) -> config_mod.Config:
@@ -163,7 +157,7 @@ def test_the_page_shows_the_conversation_and_the_states(
             "operator": await operator_rows(page),
         }
 
-    out, seen = run_service(models, web_config(free_port()), scenario)
+    out, seen = run_service(models, web_config(free_tcp_port()), scenario)
     users = [text for cls, text, _ in out["bubbles"] if "user" in cls]
     replies = [text for cls, text, final in out["bubbles"] if "assistant" in cls and final]
     assert any(transcribed_as("What is the capital of France?", u) for u in users), out["bubbles"]
@@ -234,7 +228,7 @@ def test_the_on_screen_push_to_talk_commits_a_turn(
         await page.screenshot(path=str(ARTIFACTS / "kiosk-ptt.png"))
         return {"before": before, "after": await page.evaluate(BUBBLES), "held": held}
 
-    config = web_config(free_port(), turn_detection="manual")
+    config = web_config(free_tcp_port(), turn_detection="manual")
     out, seen = run_service(models, config, scenario)
     assert not any("user" in cls for cls, _, _ in out["before"])  # button up: nothing heard
     users = [text for cls, text, _ in out["after"] if "user" in cls]
@@ -252,7 +246,7 @@ def test_tokens_and_malformed_messages_are_rejected_without_effect(tmp_path: Pat
     cfg = config_mod.PttConfig(min_press_ms=0)
     hub = EventHub({"models": {}})
     ptt = PushToTalk(cfg, None, lambda action, source, sid: hub.ptt(sid, action, source))
-    port = free_port()
+    port = free_tcp_port()
     base = f"http://127.0.0.1:{port}"
 
     async def main() -> dict[str, Any]:
@@ -355,7 +349,7 @@ def test_a_lan_address_needs_a_token() -> None:
 
 def test_requests_for_another_host_or_from_another_origin_are_refused() -> None:
     hub = EventHub({"models": {}})
-    port = free_port()
+    port = free_tcp_port()
     base = f"http://127.0.0.1:{port}"
     me = socket.gethostname().split(".")[0]
 
@@ -374,7 +368,7 @@ def test_requests_for_another_host_or_from_another_origin_are_refused() -> None:
 
     async def main() -> dict[str, Any]:
         runner = await serve(make_app(hub, Metrics()), "127.0.0.1", port)
-        wild = free_port()  # bound to every address: 127.0.0.2 is one of this machine's
+        wild = free_tcp_port()  # bound to every address: 127.0.0.2 is one of this machine's
         wild_runner = await serve(
             make_app(hub, Metrics(), allowed_hosts=host_names("0.0.0.0")), "0.0.0.0", wild
         )
@@ -441,7 +435,7 @@ def test_requests_for_another_host_or_from_another_origin_are_refused() -> None:
 def test_a_stop_closes_an_open_events_stream_at_once() -> None:
     """The server's cleanup must not wait on an idle page (aiohttp's default: 60 s)."""
     hub = EventHub({"models": {}})
-    port = free_port()
+    port = free_tcp_port()
 
     async def main() -> dict[str, Any]:
         runner = await serve(make_app(hub, Metrics()), "127.0.0.1", port)
@@ -464,7 +458,7 @@ def test_a_stop_closes_an_open_events_stream_at_once() -> None:
 
 def test_the_daemon_stops_at_once_with_a_page_open(models: Any, room: Room) -> None:
     """SIGTERM's path (`request_stop`) with an idle events stream open: no wait on it."""
-    port = free_port()
+    port = free_tcp_port()
     config = config_mod.parse(
         {
             "session": {"turn_detection": "vad"},
