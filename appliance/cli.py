@@ -65,6 +65,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_room_token(args: argparse.Namespace) -> int:
+    from appliance.room.commands import room_token  # livekit loads only for this command
+
+    return room_token(args)
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     from appliance.usb.portaudio import show_devices
 
@@ -146,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_config_check)
 
     add_models_parser(sub)
+
+    p = sub.add_parser("room", help="LiveKit room tools")
+    rsub = p.add_subparsers(dest="action", required=True)
+    t = rsub.add_parser("token", help="print a join token for a person in a conversation's room")
+    t.add_argument("room", help="the room's name (the events stream and the log show it)")
+    t.add_argument("--identity", required=True, help="the person's identity in the room")
+    t.add_argument("--name", default="", help="the name shown to others (default: identity)")
+    t.add_argument("--listen-only", action="store_true", help="may hear the room, not speak")
+    t.add_argument("--ttl", type=int, default=0, help="seconds the token is valid")
+    t.add_argument("--config", default=None, help="config file ([livekit])")
+    t.set_defaults(func=cmd_room_token)
 
     p = sub.add_parser("run", help="run the appliance (the USB kiosk when [audio] is enabled)")
     p.add_argument("--config", default=None, help="config file")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
 
 from appliance.systemd import RECORD_FIELDS, JournalHandler, stderr_is_journal
@@ -17,6 +18,30 @@ SESSION: contextvars.ContextVar[str | None] = contextvars.ContextVar("session", 
 CALL_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("call_id", default=None)
 STDERR_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s%(context)s"
 QUIET_LOGGERS = ("faster_whisper",)  # a line per utterance at INFO
+_JWT = re.compile(r"eyJ[\w-]*\.[\w-]*\.[\w-]*")
+
+
+def redact_tokens(text: str) -> str:
+    """`text` with every JSON web token replaced by `<token>` (a token is a credential)."""
+    return _JWT.sub("<token>", text)
+
+
+class TokenFilter(logging.Filter):
+    """Redacts access tokens from records: livekit's native client logs a refused token
+    whole, three times per try."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "eyJ" in message:
+            record.msg, record.args = redact_tokens(message), None
+        return True
+
+
+def guard_livekit_logs() -> None:
+    """Put a `TokenFilter` on the `livekit` logger (the native client's), once."""
+    livekit = logging.getLogger("livekit")
+    if not any(isinstance(f, TokenFilter) for f in livekit.filters):
+        livekit.addFilter(TokenFilter())
 
 
 class ContextFilter(logging.Filter):

@@ -43,6 +43,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q -e ".[dev]"  # dev includes the [ptt] extra
   touch "$stamp"
 fi
+# livekit-server, pinned, for the tests that run a real LiveKit server (built once; tests only)
+bash scripts/build-livekit-server.sh
 # the x86-dev profile (embedded defaults), smart-turn and SmolLM2-135M, which the tests also
 # use (SmolLM2: a small GGUF for the requantization and native self-test tests)
 .venv/bin/appliance models fetch --profile x86-dev smart-turn/v3.2 llama.cpp/smollm2-135m-instruct

@@ -119,3 +119,12 @@ def room(tmp_path: Path) -> Iterator[audiosim.Room]:
         pytest.skip("needs pulseaudio (installed by scripts/setup-dev.sh)")
     with audiosim.simulated_room(tmp_path) as r:
         yield r
+
+
+@pytest.fixture(scope="session")
+def livekit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real livekit-server on loopback, shared by the tests that need one."""
+    from bench.livekit_server import LiveKitServer
+
+    with LiveKitServer(tmp_path_factory.mktemp("livekit")) as server:
+        yield server

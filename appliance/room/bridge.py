@@ -9,6 +9,7 @@ import contextlib
 import logging
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
@@ -17,12 +18,23 @@ from livekit.agents.voice.transcription.synchronizer import TranscriptSynchroniz
 
 from appliance.audio.live import LiveInput, Playout
 from appliance.config import Config, ConfigError, LivekitConfig
+from appliance.logs import guard_livekit_logs, redact_tokens
 from appliance.room.link import Connect, Link, RoomLink
 from appliance.room.people import Person, room_name
 from appliance.session.builder import TextSink, connect_audio
 
 logger = logging.getLogger("appliance.room")
 RETRY_MIN_S = 1.0
+ATTEMPTS_KEPT = 100
+
+
+def join_error(exc: BaseException) -> str:
+    """Why joining a room failed, for the log and the events API: a refusal of the
+    credentials named as such, and never the token (LiveKit echoes a refused token back)."""
+    text = redact_tokens(str(exc)) or type(exc).__name__
+    if "401" in text:
+        return f"the server refused the credentials, check [livekit] api_key and the secret: {text}"
+    return text
 
 
 class RoomBridge:
@@ -49,7 +61,8 @@ class RoomBridge:
         self.room = room
         self.mode: Literal["starting", "room", "direct"] = "starting"
         self.link: Link | None = None
-        self.attempts: list[dict[str, Any]] = []  # every try: when, how long, the outcome
+        # the latest tries: when, how long, the outcome (bounded: a server away for days)
+        self.attempts: deque[dict[str, Any]] = deque(maxlen=ATTEMPTS_KEPT)
         self.switches: list[tuple[float, str]] = []  # (monotonic time, mode)
         self.listeners: list[Callable[[str], None]] = []  # each mode change (events stream)
         self._syncs: list[TranscriptSynchronizer] = []
@@ -97,7 +110,7 @@ class RoomBridge:
                 link = await self._connect()
             except Exception as exc:
                 failures += 1
-                self._record(started, f"failed: {exc}")
+                self._record(started, f"failed: {join_error(exc)}")
                 self._first.set()
                 await asyncio.sleep(self._backoff(failures))
                 continue
@@ -109,7 +122,9 @@ class RoomBridge:
                     return
                 await link.attach(self.session, self.local_in, self.local_out, self.text)
             except Exception as exc:
-                logger.warning("room %r: could not attach the conversation: %s", self.room, exc)
+                logger.warning(
+                    "room %r: could not attach the conversation: %s", self.room, join_error(exc)
+                )
                 link.detach(self.local_in, self.local_out)
                 await link.aclose()
                 if self.mode != "starting":  # RoomIO may have taken the session's audio
@@ -143,8 +158,9 @@ class RoomBridge:
 
     def _record(self, started: float, outcome: str) -> None:
         took = time.monotonic() - started
+        again = bool(self.attempts) and self.attempts[-1]["outcome"] == outcome
         self.attempts.append({"at": started, "took_s": round(took, 3), "outcome": outcome})
-        log = logger.info if outcome == "joined" else logger.warning
+        log = logger.info if outcome == "joined" else logger.debug if again else logger.warning
         log("room %r at %s: %s (%.1f s)", self.room, self.cfg.url, outcome, took)
 
     async def _between_turns(self) -> None:
@@ -192,6 +208,7 @@ def conversation_bridge(
     lk = config.livekit
     if not lk.enabled or source not in lk.sources:
         return RoomBridge(lk, None, session, local_in, local_out, text)
+    guard_livekit_logs()
     name = room_name(lk.room, source=source, session=sid, call_id=call_id, number=number)
     try:
         secret = lk.secret()

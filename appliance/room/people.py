@@ -81,14 +81,18 @@ def mint_token(
     name: str,
     kind: Literal["standard", "sip", "agent"],
     attributes: dict[str, str] | None = None,
+    can_publish: bool = True,
 ) -> str:
-    """A join token for one participant of one room, signed with the API secret."""
+    """A join token for one participant of one room, signed with the API secret
+    (`can_publish=False`: a listener, who hears the room and cannot be heard)."""
     grants = api.VideoGrants(
         room_join=True,
         room=room,
-        can_publish=True,
+        can_publish=can_publish,
         can_subscribe=True,
-        can_publish_data=True,
+        can_publish_data=can_publish,
+        # attributes: the agent's lk.agent.state, the caller's sip.callStatus at hang-up
+        can_update_own_metadata=can_publish,
         agent=True if kind == "agent" else None,
     )
     token = (
