@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint fuzz bench eval bench-audio bench-ptt bench-barge-in bench-sip clean
+.PHONY: install demo test lint fuzz bench eval bench-audio bench-ptt bench-barge-in bench-sip bench-room clean
 
 install:
 	bash scripts/setup-dev.sh
@@ -38,6 +38,9 @@ bench-barge-in: install
 
 bench-sip: install
 	$(BIN)/python -m bench sip --json bench/sip.json
+
+bench-room: install
+	$(BIN)/python -m bench room --json bench/room.json
 
 clean:
 	rm -rf $(VENV) reply.wav conversation.json .pytest_cache .mypy_cache .ruff_cache

@@ -91,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
         "bench/sip.json",
     )
     p.add_argument("--calls", default="1,2,3", help="concurrency levels, e.g. 1,2,3")
+
+    p = add(
+        "room",
+        "a phone call direct and through a LiveKit room on a real server, side by side",
+        "room_calls",
+        "run_bench_room",
+        "bench/room.json",
+    )
+    p.add_argument("--calls", default="1,2", help="concurrency levels, e.g. 1,2")
+    p.add_argument("--turns", type=int, default=10, help="questions per call")
     return parser
 
 

@@ -124,18 +124,19 @@ async def _one_call(
 
 
 async def _level(
-    appliance: UserAgent, caller: UserAgent, port: int, n: int, questions: list[np.ndarray]
+    appliance: UserAgent,
+    caller: UserAgent,
+    port: int,
+    n: int,
+    questions: list[np.ndarray],
+    per_call: int = QUESTIONS_PER_CALL,
 ) -> dict[str, Any]:
-    """N concurrent calls, each asking QUESTIONS_PER_CALL questions."""
+    """N concurrent calls, each asking `per_call` questions."""
     runs: list[dict[str, Any]] = []
     for call in appliance.calls.values():
         call.rtp.send_times.clear()
     picks = [
-        [
-            questions[(i * QUESTIONS_PER_CALL + k) % len(questions)]
-            for k in range(QUESTIONS_PER_CALL)
-        ]
-        for i in range(n)
+        [questions[(i * per_call + k) % len(questions)] for k in range(per_call)] for i in range(n)
     ]
     target = f"sip:agent@127.0.0.1:{port}"
     sends: list[float] = []
@@ -162,6 +163,7 @@ async def _level(
             [c["answer_to_greeting_ms"] for c in calls if c["answer_to_greeting_ms"] is not None]
         ),
         "voice_to_voice_ms": percentiles(v2v),
+        "voice_to_voice_samples_ms": [round(v, 1) for v in v2v],
         "failures": len(runs) - len(v2v),
         "rtp_interval_deviation_ms": {
             **percentiles(late),

@@ -11,6 +11,7 @@ the real server's death and restart are in test_room_server.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -441,3 +442,44 @@ def test_a_kiosk_conversation_in_a_room_that_drops_goes_on_on_the_sound_card(
     assert user and transcribed_as("What is the capital of France?", user[0]), out["items"]
     assert any(r == "assistant" and t for r, t in out["items"])
     assert rms(out["reply"]) > 300  # out of the USB speaker again
+
+
+def test_join_errors_name_refused_credentials_and_no_token_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from appliance.logs import guard_livekit_logs
+
+    token = room_mod.mint_token(lk_config(), SECRET, room="r", identity="a", name="A", kind="sip")
+    refused = ConnectionError(f"client error: 401 Unauthorized - invalid token: {token}, error: x")
+    text = room_mod.bridge.join_error(refused)
+    assert text.startswith("the server refused the credentials, check [livekit] api_key")
+    assert token not in text and "<token>" in text
+    assert room_mod.bridge.join_error(TimeoutError()) == "TimeoutError"
+    guard_livekit_logs()
+    guard_livekit_logs()  # once is enough
+    with caplog.at_level(logging.WARNING, logger="livekit"):
+        logging.getLogger("livekit").error("engine: %s", refused)
+    assert caplog.records and all(token not in r.getMessage() for r in caplog.records)
+    assert "<token>" in caplog.records[0].getMessage()
+
+
+def test_room_token_command(tmp_path: Path, secret_file: Path, capsys: Any) -> None:
+    from appliance.cli import main
+
+    toml = tmp_path / "appliance.toml"
+    toml.write_text(f'[livekit]\nurl = "ws://lk.lan:7880"\napi_key = "{KEY}"\n')
+    assert main(["room", "token", "desk", "--identity", "s", "--config", str(toml)]) == 78
+    assert "api_secret_file is not set" in capsys.readouterr().err
+    toml.write_text(
+        f'[livekit]\nurl = "ws://lk.lan:7880"\napi_key = "{KEY}"\n'
+        f'api_secret_file = "{secret_file}"\n'
+    )
+    args = ["room", "token", "desk", "--identity", "sup", "--config", str(toml)]
+    assert main([*args, "--listen-only", "--ttl", "600"]) == 0
+    claims = api.TokenVerifier(KEY, SECRET).verify(capsys.readouterr().out.strip())
+    assert claims.identity == "sup" and claims.video.room == "desk"
+    assert claims.video.can_subscribe and not claims.video.can_publish
+    assert not claims.video.can_update_own_metadata
+    plain = toml.with_name("none.toml")
+    plain.write_text("")
+    assert main(["room", "token", "desk", "--identity", "s", "--config", str(plain)]) == 78
