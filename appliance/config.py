@@ -257,9 +257,13 @@ CREDENTIAL_SECRET = "livekit-api-secret"  # a systemd credential (LoadCredential
 
 
 class LivekitConfig(_Section):
-    """The LiveKit room bridge: each conversation also lives in a room on this server."""
+    """LiveKit: each local conversation also lives in a room on this server (`bridge`), or
+    the appliance answers the server's jobs as an agent worker (`worker`)."""
 
     enabled: bool = False
+    mode: Literal["bridge", "worker"] = "bridge"
+    agent_name: str = Field("appliance", min_length=1, max_length=64)
+    max_sessions: int = Field(2, ge=1, le=16)
     url: str = ""
     api_key: str = ""
     api_secret_file: str = ""

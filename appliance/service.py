@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from appliance.ptt.led import StatusLed
     from appliance.ptt.turns import PushToTalk
+    from appliance.room.worker import ApplianceWorker
     from appliance.session.modelset import ModelSet
     from appliance.sip.ua import Call
 
@@ -77,6 +78,7 @@ class Service:
         self.calls = 0
         self.sip_ready: asyncio.Future[Any] | None = None
         self.bridges: dict[str, asyncio.Task[None]] = {}
+        self.worker: ApplianceWorker | None = None  # [livekit] mode = "worker"
         self.stopping = False
         self.exit_status = 0
         self._stop: asyncio.Event | None = None
@@ -117,10 +119,12 @@ class Service:
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit status."""
-        if not (self.config.audio.enabled or self.config.sip.enabled):
+        lk = self.config.livekit
+        worker = lk.enabled and lk.mode == "worker"
+        if not (self.config.audio.enabled or self.config.sip.enabled or worker):
             logger.error(
                 "%s: no bridge is enabled; set [audio] enabled = true for a USB kiosk, "
-                "or [sip] enabled = true for phone calls",
+                '[sip] enabled = true for phone calls, or [livekit] mode = "worker"',
                 self.config.source,
             )
             return EX_CONFIG
@@ -156,14 +160,21 @@ class Service:
                     h = self.config.http
                     logger.error("http: cannot listen on %s:%d: %s", h.host, h.port, exc)
                     return 1
-            lk = self.config.livekit
             if lk.enabled:
                 try:
                     lk.secret()
                 except config_mod.ConfigError as exc:
                     logger.error("%s: %s", self.config.source, exc)
                     return EX_CONFIG
-                logger.info("LiveKit room bridge: %s for %s", lk.url, ", ".join(lk.sources))
+                if worker:
+                    logger.info(
+                        "LiveKit agent worker %r at %s, up to %d session(s)",
+                        lk.agent_name,
+                        lk.url,
+                        lk.max_sessions,
+                    )
+                else:
+                    logger.info("LiveKit room bridge: %s for %s", lk.url, ", ".join(lk.sources))
             self._start_bridges(loaded, ptt)
             status = await self._listening()
             if status is not None:
@@ -231,6 +242,14 @@ class Service:
                     ready=self.sip_ready,
                 ),
                 name="sip",
+            )
+        lk = self.config.livekit
+        if lk.enabled and lk.mode == "worker":
+            from appliance.room.worker import ApplianceWorker
+
+            self.worker = ApplianceWorker(self.config, models)
+            self.bridges["livekit worker"] = asyncio.create_task(
+                self.worker.run(self._stop), name="livekit worker"
             )
         for task in self.bridges.values():
             task.add_done_callback(self._bridge_ended)

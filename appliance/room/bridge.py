@@ -206,7 +206,7 @@ def conversation_bridge(
     """The audio wiring of one conversation: through a room when `[livekit]` bridges this
     source, else direct. An unreadable API secret is logged and the conversation is direct."""
     lk = config.livekit
-    if not lk.enabled or source not in lk.sources:
+    if not lk.enabled or lk.mode != "bridge" or source not in lk.sources:
         return RoomBridge(lk, None, session, local_in, local_out, text)
     guard_livekit_logs()
     name = room_name(lk.room, source=source, session=sid, call_id=call_id, number=number)

@@ -70,16 +70,19 @@ def noise_filter(
     return LocalNoiseFilter(telephony=False)
 
 
-def room_options(person: Person, text: TextSink | None) -> room_io.RoomOptions:
+def room_options(
+    person: Person, text: TextSink | None, *, close_on_disconnect: bool = False
+) -> room_io.RoomOptions:
     """RoomIO's options for the agent: linked to the person, audio at the STT's rate with
-    the local per-kind noise filter; the conversation (not RoomIO) decides when it ends."""
+    the local per-kind noise filter; by default the conversation (not RoomIO) decides when
+    it ends."""
     return room_io.RoomOptions(
         participant_identity=person.identity,
         audio_input=room_io.AudioInputOptions(
             sample_rate=SESSION_RATE, frame_size_ms=20, noise_cancellation=noise_filter
         ),
         text_output=room_io.TextOutputOptions(next_in_chain=text),
-        close_on_disconnect=False,
+        close_on_disconnect=close_on_disconnect,
     )
 
 

@@ -1,0 +1,182 @@
+"""The appliance as a LiveKit agent worker (`[livekit] mode = "worker"`).
+
+The daemon registers with the server under `agent_name` (explicit dispatch: a dispatch API
+call, a token's room configuration or a LiveKit SIP dispatch rule sends it jobs) and takes
+a job while it has fewer than `max_sessions`: its reported load is active sessions /
+`max_sessions`, not CPU, so the server sees it full exactly when it is. Each job runs
+in this process, in livekit-agents' thread executor (a thread and event loop per job), on
+the one shared model set: the job joins its room, waits for the first person (a LiveKit
+SIP caller or any participant), and runs an AgentSession attached to them through RoomIO
+with the reference's `RoomOptions` (telephony noise filter for SIP participants) until
+they leave. `lk.agent.state` is published by RoomIO.
+
+Stopping drains: the worker stops taking jobs at once, lets the sessions end within
+`[service] drain_timeout`, then ends what is left. A lost server connection is retried
+with backoff (1 s doubling to `retry_max`), logged once until it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from livekit import rtc
+from livekit.agents import AgentServer, JobContext, JobExecutorType, JobRequest
+
+from appliance.config import Config
+from appliance.logs import guard_livekit_logs, redact_tokens
+from appliance.room.bridge import RETRY_MIN_S
+from appliance.room.link import room_options
+from appliance.room.people import Person
+from appliance.session.builder import ApplianceAgent, build_session, log_conversation
+from appliance.session.modelset import ModelSet
+
+logger = logging.getLogger("appliance.worker")
+
+
+def person_of(participant: rtc.RemoteParticipant) -> Person:
+    """The person a job answers, as the room shows them (LiveKit SIP callers: kind SIP)."""
+    sip = participant.kind == rtc.ParticipantKind.PARTICIPANT_KIND_SIP
+    return Person(
+        identity=participant.identity,
+        name=participant.name or participant.identity,
+        kind="sip" if sip else "standard",
+        attributes=dict(participant.attributes),
+    )
+
+
+class ApplianceWorker:
+    """One registration with the server; `run` until `stop` is set, then drain."""
+
+    def __init__(
+        self,
+        config: Config,
+        models: ModelSet,
+        *,
+        on_job: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.config, self.models = config, models
+        self.lk = config.livekit
+        self.on_job = on_job  # (room, "started" | "ended"), called from the job's thread
+        self._lock = threading.Lock()
+        self.active = 0
+        self.jobs_done = 0
+        self.registered = asyncio.Event()
+        self.server: AgentServer | None = None
+
+    def load(self, *_: Any) -> float:
+        """Active sessions / max_sessions: what the server balances on."""
+        with self._lock:
+            return min(1.0, self.active / self.lk.max_sessions)
+
+    def _server(self) -> AgentServer:
+        cap = self.lk.max_sessions
+        server = AgentServer(
+            job_executor_type=JobExecutorType.THREAD,
+            # full (no more jobs offered) exactly at max_sessions; the threshold must be < 1
+            load_threshold=1 - 0.5 / cap,
+            load_fnc=self.load,
+            num_idle_processes=1,
+            ws_url=self.lk.url,
+            api_key=self.lk.api_key,
+            api_secret=self.lk.secret(),
+            host="127.0.0.1",
+            port=0,
+            drain_timeout=math.ceil(self.config.service.drain_timeout),
+            shutdown_process_timeout=5.0,
+            max_retry=3,
+        )
+        server.rtc_session(self._job, agent_name=self.lk.agent_name, on_request=self._request)
+        server.on("worker_registered", lambda *_: self.registered.set())
+        return server
+
+    async def _request(self, request: JobRequest) -> None:
+        with self._lock:
+            full = self.active >= self.lk.max_sessions
+        if full:
+            await request.reject()
+            return
+        host = socket.gethostname()
+        await request.accept(
+            identity=f"agent_{host}_{request.id[-8:]}",
+            name="Agent",
+            attributes={"appliance.host": host, "appliance.pid": str(os.getpid())},
+        )
+
+    async def _job(self, ctx: JobContext) -> None:
+        """One job: join, wait for the person, converse until they leave."""
+        with self._lock:
+            self.active += 1
+        room = ctx.job.room.name
+        try:
+            if self.on_job is not None:
+                self.on_job(room, "started")
+            await ctx.connect()
+            participant = await ctx.wait_for_participant()
+            person = person_of(participant)
+            userdata: dict[str, Any] = {"room": room, "participant": person.identity}
+            if person.kind == "sip":
+                userdata["call"] = {
+                    "phone_number": person.attributes.get("sip.phoneNumber", ""),
+                    "call_id": person.attributes.get("sip.callID", ""),
+                }
+            session = build_session(self.config, self.models, userdata=userdata)
+            log_conversation(session)
+            closed = asyncio.Event()
+            session.on("close", lambda _: closed.set())
+            options = room_options(person, None, close_on_disconnect=True)
+            await session.start(
+                ApplianceAgent(self.config.agent), room=ctx.room, room_options=options
+            )
+            logger.info("job in room %r for %s", room, person.identity)
+            await closed.wait()
+        finally:
+            with self._lock:
+                self.active -= 1
+                self.jobs_done += 1
+            if self.on_job is not None:
+                self.on_job(room, "ended")
+            ctx.shutdown("the person left")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Register (again after a lost connection, with backoff) until `stop`; then drain."""
+        guard_livekit_logs()
+        failures = 0
+        while not stop.is_set():
+            self.server = server = self._server()
+            running = asyncio.create_task(server.run(devmode=False), name="agent worker")
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if stop.is_set():
+                await self._drain(server, running)
+                return
+            error = running.exception() if not running.cancelled() else None
+            with contextlib.suppress(Exception):
+                await server.aclose()
+            self.registered.clear()
+            failures += 1
+            log = logger.warning if failures == 1 else logger.debug
+            log("LiveKit worker at %s lost: %s; retrying", self.lk.url, redact_tokens(str(error)))
+            delay = min(self.lk.retry_max, RETRY_MIN_S * 2 ** (failures - 1))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+    async def _drain(self, server: AgentServer, running: asyncio.Task[None]) -> None:
+        logger.info("draining: no new jobs; %d session(s) finishing", self.active)
+        try:
+            await server.drain(timeout=math.ceil(self.config.service.drain_timeout))
+        except asyncio.TimeoutError:
+            logger.warning("sessions still running after the drain timeout; ending them")
+        with contextlib.suppress(Exception):
+            await server.aclose()
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await running

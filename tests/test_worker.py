@@ -1,0 +1,242 @@
+"""The appliance as a LiveKit agent worker (`[livekit] mode = "worker"`), against a real
+livekit-server on loopback: jobs dispatched by the server's dispatch API to rooms where a
+person (a livekit rtc participant of the test) talks to the agent."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from livekit import api
+
+from appliance import config as config_mod
+from appliance.service import Service
+from appliance.systemd import Notifier
+from bench.livekit_server import LiveKitServer
+
+from .conftest import transcribed_as
+from .test_room_server import Browser, said, wait_for, words
+
+AGENT = "front-desk"
+REPO = Path(__file__).parent.parent
+
+
+def worker_config(server: LiveKitServer, secret_file: Path, **lk: Any) -> config_mod.Config:
+    return config_mod.parse(
+        {
+            "session": {"turn_detection": "vad"},
+            "agent": {"greeting": "Hello."},
+            "http": {"enabled": False},
+            "livekit": {
+                "enabled": True,
+                "mode": "worker",
+                "agent_name": AGENT,
+                "url": server.url,
+                "api_key": server.key,
+                "api_secret_file": str(secret_file),
+                "max_sessions": 2,
+                **lk,
+            },
+        },
+        "<worker test>",
+    )
+
+
+def run_worker(models: Any, config: config_mod.Config, scenario: Callable[[Service], Any]) -> Any:
+    async def main() -> Any:
+        service = Service(config, None, notifier=Notifier({}), models=models)
+        daemon = asyncio.create_task(service.run())
+        try:
+            assert await wait_for(lambda: service.worker is not None or daemon.done(), 60)
+            assert service.worker is not None, daemon.result()
+            await asyncio.wait_for(service.worker.registered.wait(), 30)
+            return await asyncio.wait_for(scenario(service), 240)
+        finally:
+            service.request_stop("test done")
+            assert await asyncio.wait_for(daemon, 60) == 0
+
+    return asyncio.run(main())
+
+
+async def dispatch(server: LiveKitServer, room: str) -> None:
+    lkapi = server.api()
+    try:
+        await lkapi.agent_dispatch.create_dispatch(
+            api.CreateAgentDispatchRequest(agent_name=AGENT, room=room)
+        )
+    finally:
+        await lkapi.aclose()
+
+
+def agent_in(browser: Browser) -> str | None:
+    return next((i for i in browser.room.remote_participants if i.startswith("agent_")), None)
+
+
+def test_a_dispatched_job_talks_with_the_person_in_the_room(
+    models: Any,
+    speak: Callable[..., np.ndarray],
+    tmp_path: Path,
+    livekit_server: LiveKitServer,
+) -> None:
+    server = livekit_server
+    secret = tmp_path / "secret"
+    secret.write_text(server.secret)
+
+    async def scenario(service: Service) -> dict[str, Any]:
+        worker = service.worker
+        assert worker is not None
+        person = Browser()
+        await person.join(server.url, server.token("kiosk-7", "visitor"))
+        await person.unmute()
+        await dispatch(server, "kiosk-7")
+        assert await wait_for(lambda: agent_in(person) is not None, 30)
+        agent = agent_in(person)
+        assert agent is not None
+        assert await wait_for(lambda: "listening" in person.states(agent)[1:], 30)  # greeted
+        out: dict[str, Any] = {"load_during": worker.load()}
+        asked = time.monotonic()
+        await person.say(speak("What is the capital of France?"))
+        assert await wait_for(lambda: person.states(agent)[-1:] == ["speaking"], 30)
+        assert await wait_for(lambda: person.states(agent)[-1:] == ["listening"], 30)
+        await asyncio.sleep(0.5)
+        out["answer"] = said(models, person.heard(agent, asked))
+        out["greeting"] = said(models, person.heard(agent)[: len(person.heard(agent)) // 3])
+        out["states"] = person.states(agent)
+        out["transcripts"] = list(person.transcripts)
+        lkapi = server.api()
+        people = await lkapi.room.list_participants(api.ListParticipantsRequest(room="kiosk-7"))
+        out["agent_kind"] = next(p.kind for p in people.participants if p.identity == agent)
+        await lkapi.aclose()
+        await person.leave()  # the job ends when the person leaves
+        assert await wait_for(lambda: worker.active == 0 and worker.jobs_done == 1, 20)
+        out["load_after"] = worker.load()
+        return out
+
+    out = run_worker(models, worker_config(server, secret), scenario)
+    assert out["agent_kind"] == api.ParticipantInfo.Kind.AGENT
+    assert {"listening", "thinking", "speaking"} <= set(out["states"]), out["states"]
+    assert "hello" in out["greeting"].lower(), out["greeting"]
+    finals = [t for _, t, a in out["transcripts"] if a.get("lk.transcription_final") == "true"]
+    assert any(transcribed_as("What is the capital of France?", t) for t in finals), finals
+    replies = [t for who, t, _ in out["transcripts"] if who.startswith("agent_")]
+    assert any(len(words(r) & words(out["answer"])) >= 2 for r in replies), (replies, out)
+    assert out["load_during"] == 0.5 and out["load_after"] == 0.0
+
+
+class Daemon:
+    """`appliance run` in its own process, as on a device: one worker of the fleet."""
+
+    def __init__(self, tmp_path: Path, name: str, config: str) -> None:
+        self.dir = tmp_path / name
+        self.dir.mkdir()
+        (self.dir / "appliance.toml").write_text(config)
+        self.log = self.dir / "daemon.log"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with self.log.open("wb") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                str(REPO / ".venv" / "bin" / "appliance"),
+                "run",
+                "--config",
+                str(self.dir / "appliance.toml"),
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+
+    def said(self, text: str) -> bool:
+        return text in self.log.read_text(errors="replace")
+
+    async def stop(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.terminate()
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+
+def fleet_config(server: LiveKitServer, secret_file: Path) -> str:
+    return (
+        '[session]\nturn_detection = "vad"\n[agent]\ngreeting = "Hello."\n'
+        "[http]\nenabled = false\n"
+        f'[livekit]\nenabled = true\nmode = "worker"\nagent_name = "{AGENT}"\n'
+        f'url = "{server.url}"\napi_key = "{server.key}"\napi_secret_file = "{secret_file}"\n'
+        "max_sessions = 2\n"
+    )
+
+
+def test_two_workers_share_the_calls_and_one_drains(
+    tmp_path: Path, livekit_server: LiveKitServer
+) -> None:
+    server = livekit_server
+    secret = tmp_path / "secret"
+    secret.write_text(server.secret)
+    daemons = [Daemon(tmp_path, n, fleet_config(server, secret)) for n in ("w1", "w2")]
+
+    def pid_in(browser: Browser) -> str | None:
+        for identity, p in browser.room.remote_participants.items():
+            if identity.startswith("agent_"):
+                return p.attributes.get("appliance.pid")
+        return None
+
+    async def main() -> dict[str, Any]:
+        for d in daemons:
+            await d.start()
+        ok = await wait_for(lambda: all(d.said("registered worker") for d in daemons), 180)
+        assert ok, [d.log.read_text()[-3000:] for d in daemons]
+        pids = {str(d.proc.pid): d for d in daemons if d.proc is not None}
+        people = []
+        for n in range(4):
+            person = Browser()
+            await person.join(server.url, server.token(f"call-{n}", f"caller-{n}"))
+            await dispatch(server, f"call-{n}")
+            people.append(person)
+            await asyncio.sleep(1.0)
+        assert await wait_for(lambda: all(pid_in(p) for p in people), 60)
+        out: dict[str, Any] = {"first": [pid_in(p) for p in people]}
+        fifth = Browser()
+        await fifth.join(server.url, server.token("call-4", "caller-4"))
+        await dispatch(server, "call-4")
+        await asyncio.sleep(8.0)
+        out["fifth_while_full"] = pid_in(fifth)
+        # one worker is stopped mid-call: it finishes its calls and takes no new ones
+        draining = daemons[0]
+        assert draining.proc is not None
+        draining.proc.terminate()
+        await asyncio.sleep(3.0)
+        out["drainer_still_up"] = draining.proc.returncode is None
+        mine = [p for p in people if pid_in(p) == str(draining.proc.pid)]
+        out["drainer_agents_stayed"] = all(pid_in(p) for p in mine)
+        others = [p for p in people if p not in mine]
+        await others[0].leave()  # a slot frees on the other worker
+        await asyncio.sleep(4.0)  # its load goes out every 2.5 s
+        sixth = Browser()
+        await sixth.join(server.url, server.token("call-5", "caller-5"))
+        await dispatch(server, "call-5")
+        await wait_for(lambda: pid_in(sixth) is not None, 30)
+        out["next_call"] = pid_in(sixth)
+        out["fifth_later"] = pid_in(fifth)
+        for person in mine:
+            await person.leave()
+        out["drainer_exit"] = await asyncio.wait_for(draining.proc.wait(), 60)
+        for person in [*others[1:], fifth, sixth]:
+            await person.leave()
+        out["other_exit"] = await daemons[1].stop()
+        out["pids"] = list(pids)
+        return out
+
+    try:
+        out = asyncio.run(main())
+    finally:
+        for d in daemons:
+            if d.proc is not None and d.proc.returncode is None:
+                d.proc.kill()
+    first = out["first"]
+    assert sorted(first.count(p) for p in out["pids"]) == [2, 2], out  # two on each
+    assert out["fifth_while_full"] is None, out  # both full: nobody took it
+    assert out["drainer_still_up"] and out["drainer_agents_stayed"], out
+    assert out["next_call"] == out["pids"][1], out  # the one not draining
+    assert out["drainer_exit"] == 0 and out["other_exit"] == 0, out
