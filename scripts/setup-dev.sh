@@ -12,10 +12,13 @@ cd "$(dirname "$0")/.."
 # alsa-utils, pulseaudio, libasound2-plugins: sound tools and the audio tests' servers;
 # device-tree-compiler, udev: the firmware tests (dtc, udevadm); systemd: systemd-analyze;
 # chromium: the kiosk page's browser tests (driven by Playwright, which downloads nothing);
-# sip-tester (sipp) and baresip-core: the phones of the SIP tests.
+# sip-tester (sipp) and baresip-core: the phones of the SIP tests; curl, pkg-config,
+# libopus-dev, libopusfile-dev, libsoxr-dev and redis-server: building and running the
+# tests' LiveKit SIP (scripts/build-livekit.sh).
 APT_PACKAGES=(espeak-ng python3-venv python3-dev build-essential cmake git
   portaudio19-dev alsa-utils pulseaudio libasound2-plugins
-  device-tree-compiler udev systemd chromium sip-tester baresip-core)
+  device-tree-compiler udev systemd chromium sip-tester baresip-core
+  curl pkg-config libopus-dev libopusfile-dev libsoxr-dev redis-server)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -43,8 +46,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q -e ".[dev]"  # dev includes the [ptt] extra
   touch "$stamp"
 fi
-# livekit-server, pinned, for the tests that run a real LiveKit server (built once; tests only)
-bash scripts/build-livekit-server.sh
+# livekit-server and LiveKit SIP, pinned, for the tests that run a real LiveKit deployment
+# (built once; tests and benchmarks only, never on a device)
+bash scripts/build-livekit.sh
 # the x86-dev profile (embedded defaults), smart-turn and SmolLM2-135M, which the tests also
 # use (SmolLM2: a small GGUF for the requantization and native self-test tests)
 .venv/bin/appliance models fetch --profile x86-dev smart-turn/v3.2 llama.cpp/smollm2-135m-instruct

@@ -8,7 +8,11 @@ in this process, in livekit-agents' thread executor (a thread and event loop per
 the one shared model set: the job joins its room, waits for the first person (a LiveKit
 SIP caller or any participant), and runs an AgentSession attached to them through RoomIO
 with the reference's `RoomOptions` (telephony noise filter for SIP participants) until
-they leave. `lk.agent.state` is published by RoomIO.
+they leave. `lk.agent.state` is published by RoomIO. A LiveKit SIP caller is treated as a
+phone call on our own SIP stack: keypad digits become the caller's words ("The caller
+pressed 4 2 #"), `transfer_call` (with `[sip] transfer_targets`) is LiveKit SIP's transfer
+API (a REFER to the caller's side), and when the agent ends the call the caller is removed
+from the room (LiveKit SIP hangs up).
 
 Stopping drains: the worker stops taking jobs at once, lets the sessions end within
 `[service] drain_timeout`, then ends what is left. A lost server connection is retried
@@ -27,8 +31,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from livekit import rtc
-from livekit.agents import AgentServer, JobContext, JobExecutorType, JobRequest
+from livekit import api, rtc
+from livekit.agents import AgentServer, AgentSession, JobContext, JobExecutorType, JobRequest
 
 from appliance.config import Config
 from appliance.logs import guard_livekit_logs, redact_tokens
@@ -37,6 +41,7 @@ from appliance.room.link import room_options
 from appliance.room.people import Person
 from appliance.session.builder import ApplianceAgent, build_session, log_conversation
 from appliance.session.modelset import ModelSet
+from appliance.sip.bridge import DtmfCollector, phone_config, transfer_tool
 
 logger = logging.getLogger("appliance.worker")
 
@@ -70,6 +75,7 @@ class ApplianceWorker:
         self.jobs_done = 0
         self.registered = asyncio.Event()
         self.server: AgentServer | None = None
+        self.sessions: dict[str, AgentSession] = {}  # room -> its session, while it runs
 
     def load(self, *_: Any) -> float:
         """Active sessions / max_sessions: what the server balances on."""
@@ -121,29 +127,86 @@ class ApplianceWorker:
             await ctx.connect()
             participant = await ctx.wait_for_participant()
             person = person_of(participant)
-            userdata: dict[str, Any] = {"room": room, "participant": person.identity}
-            if person.kind == "sip":
-                userdata["call"] = {
-                    "phone_number": person.attributes.get("sip.phoneNumber", ""),
-                    "call_id": person.attributes.get("sip.callID", ""),
-                }
-            session = build_session(self.config, self.models, userdata=userdata)
-            log_conversation(session)
-            closed = asyncio.Event()
-            session.on("close", lambda _: closed.set())
-            options = room_options(person, None, close_on_disconnect=True)
-            await session.start(
-                ApplianceAgent(self.config.agent), room=ctx.room, room_options=options
-            )
-            logger.info("job in room %r for %s", room, person.identity)
-            await closed.wait()
+            await self._converse(ctx, room, person)
         finally:
+            self.sessions.pop(room, None)
             with self._lock:
                 self.active -= 1
                 self.jobs_done += 1
             if self.on_job is not None:
                 self.on_job(room, "ended")
             ctx.shutdown("the person left")
+
+    async def _converse(self, ctx: JobContext, room: str, person: Person) -> None:
+        """The session with `person`, until it closes."""
+        phone = person.kind == "sip"
+        config = phone_config(self.config) if phone else self.config
+        userdata: dict[str, Any] = {"room": room, "participant": person.identity}
+        tools = []
+        call: dict[str, Any] = {
+            "phone_number": person.attributes.get("sip.phoneNumber", ""),
+            "call_id": person.attributes.get("sip.callID", ""),
+            "dtmf": [],
+        }
+        if phone:
+            userdata["call"] = call
+            if config.sip.transfer_targets:
+
+                async def transfer(uri: str) -> bool:
+                    return await self.transfer(room, person.identity, uri)
+
+                tools.append(transfer_tool(transfer, config.sip.transfer_targets))
+        session = build_session(config, self.models, userdata=userdata)
+        self.sessions[room] = session
+        log_conversation(session)
+        if phone:
+            dtmf = DtmfCollector(session, call["dtmf"], config.sip.dtmf_timeout)
+
+            def pressed(event: rtc.SipDTMF) -> None:
+                if event.participant and event.participant.identity == person.identity:
+                    dtmf.digit(event.digit)
+
+            ctx.room.on("sip_dtmf_received", pressed)
+        closed = asyncio.Event()
+        session.on("close", lambda _: closed.set())
+        options = room_options(person, None, close_on_disconnect=True)
+        agent = ApplianceAgent(config.agent, extra_tools=tools)
+        await session.start(agent, room=ctx.room, room_options=options)
+        logger.info("job in room %r for %s", room, person.identity)
+        await closed.wait()
+        if phone and person.identity in ctx.room.remote_participants:
+            await self.hang_up(room, person.identity)  # the agent ended the call
+
+    def _api(self) -> api.LiveKitAPI:
+        return api.LiveKitAPI(self.lk.url, self.lk.api_key, self.lk.secret())
+
+    async def transfer(self, room: str, identity: str, uri: str) -> bool:
+        """Transfer a LiveKit SIP caller (LiveKit SIP sends the REFER); True when done."""
+        lkapi = self._api()
+        try:
+            request = api.TransferSIPParticipantRequest(
+                room_name=room, participant_identity=identity, transfer_to=uri
+            )
+            await lkapi.sip.transfer_sip_participant(request)
+            logger.info("transferred %s in %r to %s", identity, room, uri)
+            return True
+        except Exception as exc:
+            logger.warning("transfer of %s to %s failed: %s", identity, uri, exc)
+            return False
+        finally:
+            await lkapi.aclose()
+
+    async def hang_up(self, room: str, identity: str) -> None:
+        """End a LiveKit SIP caller's call: removed from the room, LiveKit SIP sends BYE."""
+        lkapi = self._api()
+        try:
+            await lkapi.room.remove_participant(
+                api.RoomParticipantIdentity(room=room, identity=identity)
+            )
+        except Exception as exc:
+            logger.warning("could not hang up %s in %r: %s", identity, room, exc)
+        finally:
+            await lkapi.aclose()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Register (again after a lost connection, with backoff) until `stop`; then drain."""

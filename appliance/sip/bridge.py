@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,9 @@ class CallLine:
         self.closed.set()
 
 
-def _transfer_tool(call: Call, targets: dict[str, str]) -> Any:
+def transfer_tool(transfer: Callable[[str], Awaitable[bool]], targets: dict[str, str]) -> Any:
+    """The agent's `transfer_call` tool: `transfer(uri)` is a REFER (our SIP stack, or
+    LiveKit SIP's transfer API for a trunk caller); True when it went through."""
     names = sorted(targets)
 
     async def transfer_call(raw_arguments: dict[str, object], context: RunContext) -> str:
@@ -111,7 +113,7 @@ def _transfer_tool(call: Call, targets: dict[str, str]) -> Any:
         if name not in targets:
             return f"Unknown destination. Choose one of: {', '.join(names)}."
         context.session.say("Please hold, I am transferring your call.")
-        ok = await call.transfer(targets[name])
+        ok = await transfer(targets[name])
         return "The call was transferred." if ok else "The transfer did not go through."
 
     return function_tool(
@@ -200,7 +202,7 @@ async def serve_call(
     dtmf = DtmfCollector(conversation.session, info["dtmf"], config.sip.dtmf_timeout)
     call.attach(CallLine(mic, speaker, dtmf, conversation.closed))
     targets = config.sip.transfer_targets
-    tools = [_transfer_tool(call, targets)] if targets else []
+    tools = [transfer_tool(call.transfer, targets)] if targets else []
 
     async def hang_up() -> None:  # nothing if the call already ended
         await call.hangup("the agent ended the call")
