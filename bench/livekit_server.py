@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
+from google.protobuf.duration_pb2 import Duration
 from livekit import api
 
 REPO = Path(__file__).parent.parent
@@ -234,3 +235,64 @@ class LiveKitSip(_Process):
 
     def ready(self) -> bool:
         return _http_ok(f"http://127.0.0.1:{self.health}/")
+
+
+class Deployment:
+    """A whole LiveKit site on loopback: Redis, a livekit-server on it and LiveKit SIP, with
+    an inbound trunk (any number, from 127.0.0.1, 8 s ringing timeout) whose dispatch rule
+    puts each call in its own room `call-...` and dispatches `agent_name` there."""
+
+    def __init__(self, workdir: Path, agent_name: str) -> None:
+        self.redis = Redis(workdir / "redis")
+        self.server = LiveKitServer(workdir / "server", redis=self.redis.address)
+        self.sip = LiveKitSip(workdir / "sip", self.server, self.redis)
+        self.agent_name = agent_name
+        self.trunk_id = ""
+
+    def start(self) -> None:
+        self.redis.start()
+        self.server.start()
+        self.sip.start()
+
+    async def configure(self) -> None:
+        """Create the trunk and the dispatch rule with the server's SIP service."""
+        lkapi = self.server.api()
+        try:
+            trunk = await lkapi.sip.create_inbound_trunk(
+                api.CreateSIPInboundTrunkRequest(
+                    trunk=api.SIPInboundTrunkInfo(
+                        name="pbx",
+                        numbers=[],
+                        allowed_addresses=["127.0.0.1"],
+                        ringing_timeout=Duration(seconds=8),  # no agent: refused after
+                    )
+                )
+            )
+            self.trunk_id = trunk.sip_trunk_id
+            await lkapi.sip.create_dispatch_rule(
+                api.CreateSIPDispatchRuleRequest(
+                    rule=api.SIPDispatchRule(
+                        dispatch_rule_individual=api.SIPDispatchRuleIndividual(room_prefix="call-")
+                    ),
+                    trunk_ids=[self.trunk_id],
+                    room_config=api.RoomConfiguration(
+                        agents=[api.RoomAgentDispatch(agent_name=self.agent_name)]
+                    ),
+                )
+            )
+        finally:
+            await lkapi.aclose()
+
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds so far of each LiveKit process (Linux /proc)."""
+        return {p.name: cpu_s(p.proc.pid) for p in (self.server, self.sip, self.redis) if p.proc}
+
+    def stop(self) -> None:
+        for part in (self.sip, self.server, self.redis):
+            part.stop()
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

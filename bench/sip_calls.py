@@ -124,27 +124,28 @@ async def _one_call(
 
 
 async def _level(
-    appliance: UserAgent,
+    appliance: UserAgent | None,
     caller: UserAgent,
-    port: int,
+    target: str,
     n: int,
     questions: list[np.ndarray],
     per_call: int = QUESTIONS_PER_CALL,
 ) -> dict[str, Any]:
-    """N concurrent calls, each asking `per_call` questions."""
+    """N concurrent calls to `target` (a SIP URI), each asking `per_call` questions; the
+    RTP timing is the `appliance` user agent's (None: its calls are not ours to see)."""
     runs: list[dict[str, Any]] = []
-    for call in appliance.calls.values():
+    own = appliance.calls if appliance is not None else {}
+    for call in own.values():
         call.rtp.send_times.clear()
     picks = [
         [questions[(i * per_call + k) % len(questions)] for k in range(per_call)] for i in range(n)
     ]
-    target = f"sip:agent@127.0.0.1:{port}"
     sends: list[float] = []
 
     async def collect_sends() -> None:
         while True:
             await asyncio.sleep(0.5)
-            for call in list(appliance.calls.values()):
+            for call in list(own.values()):
                 times = list(call.rtp.send_times)
                 sends.extend(np.diff(times).tolist())
                 call.rtp.send_times.clear()
@@ -203,7 +204,8 @@ async def _bench(
     try:
         for n in levels:
             print(f"  {n} concurrent call(s)...", file=sys.stderr, flush=True)
-            results.append(await _level(appliance, caller, port, n, questions))
+            target = f"sip:agent@127.0.0.1:{port}"
+            results.append(await _level(appliance, caller, target, n, questions))
             await asyncio.sleep(1.0)
     finally:
         await caller.stop()

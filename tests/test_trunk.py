@@ -1,11 +1,12 @@
 """Calls from a SIP trunk through LiveKit SIP to appliance workers, all real, on loopback:
-Redis, livekit-server and LiveKit SIP (`bench.livekit_server`), an inbound trunk and a
-dispatch rule made with livekit-api's SIP service, sipp as the caller, and the appliance
-in `[livekit] mode = "worker"`."""
+Redis, livekit-server and LiveKit SIP (`bench.livekit_server.Deployment`), an inbound trunk
+and a dispatch rule made with livekit-api's SIP service, sipp as the caller, and the
+appliance in `[livekit] mode = "worker"`."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,73 +17,30 @@ from livekit import api
 
 from appliance.audio.pcm import resample
 from appliance.sip import g711
-from bench.livekit_server import LiveKitServer, LiveKitSip, Redis
+from bench.livekit_server import Deployment
 
 from .conftest import transcribed_as
 from .test_room_server import said, wait_for, words
 from .test_sip import SIPP, finish, receiver, rtp_pcap, start_sipp
 from .test_worker import AGENT, run_worker, worker_config
 
+RINGING_S = 8  # the trunk's ringing timeout (bench.livekit_server.Deployment)
 pytestmark = pytest.mark.skipif(SIPP is None, reason="needs sipp (Debian sip-tester)")
 
 
-class Trunk:
-    """Redis, a livekit-server on it, LiveKit SIP, and the trunk's ids on the server."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.redis = Redis(workdir / "redis")
-        self.server = LiveKitServer(workdir / "server", redis=self.redis.address)
-        self.sip = LiveKitSip(workdir / "sip", self.server, self.redis)
-        self.trunk_id = ""
-
-    def start(self) -> None:
-        self.redis.start()
-        self.server.start()
-        self.sip.start()
-        asyncio.run(self._configure())
-
-    async def _configure(self) -> None:
-        lkapi = self.server.api()
-        try:
-            trunk = await lkapi.sip.create_inbound_trunk(
-                api.CreateSIPInboundTrunkRequest(
-                    trunk=api.SIPInboundTrunkInfo(
-                        name="pbx", numbers=[], allowed_addresses=["127.0.0.1"]
-                    )
-                )
-            )
-            self.trunk_id = trunk.sip_trunk_id
-            await lkapi.sip.create_dispatch_rule(
-                api.CreateSIPDispatchRuleRequest(
-                    rule=api.SIPDispatchRule(
-                        dispatch_rule_individual=api.SIPDispatchRuleIndividual(room_prefix="call-")
-                    ),
-                    trunk_ids=[self.trunk_id],
-                    room_config=api.RoomConfiguration(
-                        agents=[api.RoomAgentDispatch(agent_name=AGENT)]
-                    ),
-                )
-            )
-        finally:
-            await lkapi.aclose()
-
-    def stop(self) -> None:
-        for part in (self.sip, self.server, self.redis):
-            part.stop()
-
-
 @pytest.fixture(scope="module")
-def trunk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trunk]:
-    deployment = Trunk(tmp_path_factory.mktemp("trunk"))
+def trunk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    deployment = Deployment(tmp_path_factory.mktemp("trunk"), AGENT)
     try:
         deployment.start()
+        asyncio.run(deployment.configure())
         yield deployment
     finally:
         deployment.stop()
 
 
 def test_a_trunk_call_is_answered_by_a_worker(
-    models: Any, speak: Callable[..., np.ndarray], tmp_path: Path, trunk: Trunk
+    models: Any, speak: Callable[..., np.ndarray], tmp_path: Path, trunk: Deployment
 ) -> None:
     secret = tmp_path / "secret"
     secret.write_text(trunk.server.secret)
@@ -146,7 +104,7 @@ def test_a_trunk_call_is_answered_by_a_worker(
 
 
 def test_transfer_call_is_a_refer_through_livekit_sip(
-    models: Any, tmp_path: Path, trunk: Trunk
+    models: Any, tmp_path: Path, trunk: Deployment
 ) -> None:
     secret = tmp_path / "secret"
     secret.write_text(trunk.server.secret)
@@ -163,8 +121,22 @@ def test_transfer_call_is_a_refer_through_livekit_sip(
         )
         assert await wait_for(lambda: bool(worker.sessions), 30)
         room, session = next(iter(worker.sessions.items()))
-        assert await wait_for(lambda: session.agent_state == "listening", 20)
         identity = session.userdata["participant"]
+
+        async def status() -> str:
+            lkapi = trunk.server.api()
+            try:
+                p = await lkapi.room.get_participant(
+                    api.RoomParticipantIdentity(room=room, identity=identity)
+                )
+                return str(p.attributes.get("sip.callStatus", ""))
+            finally:
+                await lkapi.aclose()
+
+        for _ in range(100):  # LiveKit SIP answers once the agent listens: then it is active
+            if await status() == "active":
+                break
+            await asyncio.sleep(0.2)
         out: dict[str, Any] = {"tools": [t.id for t in session.current_agent.tools]}
         # what the agent's transfer_call tool does
         out["transferred"] = await worker.transfer(room, identity, target)
@@ -177,3 +149,46 @@ def test_transfer_call_is_a_refer_through_livekit_sip(
     assert out["transferred"] is True
     assert "transfer_call" in out["tools"]
     assert out["ended"]
+
+
+def test_a_call_to_a_full_fleet_rings_then_is_refused(
+    models: Any, speak: Callable[..., np.ndarray], tmp_path: Path, trunk: Deployment
+) -> None:
+    from appliance.sip.ua import UserAgent
+
+    secret = tmp_path / "secret"
+    secret.write_text(trunk.server.secret)
+    config = worker_config(trunk.server, secret, max_sessions=1)
+    question = rtp_pcap(tmp_path / "question.pcap", speak("What is the capital of France?"))
+    target = f"127.0.0.1:{trunk.sip.sip_port}"
+
+    async def scenario(service: Any) -> dict[str, Any]:
+        worker = service.worker
+        keys = {"receiver": str((await receiver())[1]), "question": str(question)}
+        # sipp sends RTP only while it plays: pauses stay under LiveKit SIP's media timeout
+        keys |= {"lead": "1000", "wait": "6000", "after": "9000"}
+        first = await start_sipp(tmp_path, target, scenario="ask.xml", keys=keys, timeout=90)
+        assert await wait_for(lambda: bool(worker.sessions), 30)
+        await asyncio.sleep(3.0)  # the server has the worker's full load
+        sip = config.sip.model_copy(
+            update={"enabled": True, "port": 0, "rtp_ports": (40000, 41000)}
+        )
+        caller = UserAgent(sip, lambda call: None)
+        await caller.start()
+        started = time.monotonic()
+        out: dict[str, Any] = {}
+        try:
+            await caller.dial(f"sip:agent@{target}", timeout=60)
+            out["second"] = "answered"
+        except Exception as exc:
+            out["second"] = str(exc)
+        out["after_s"] = time.monotonic() - started
+        await caller.stop()
+        out["first"] = await finish(first, tmp_path)
+        return out
+
+    out = run_worker(models, config, scenario)
+    assert out["first"][0] == 0, out["first"][1]  # the call in progress went on
+    assert out["second"] != "answered", out  # never a silent answered call
+    # it rang until the trunk's ringing timeout, then LiveKit SIP refused it
+    assert RINGING_S - 1 <= out["after_s"] <= RINGING_S + 10, out

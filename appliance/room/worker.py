@@ -32,7 +32,13 @@ from collections.abc import Callable
 from typing import Any
 
 from livekit import api, rtc
-from livekit.agents import AgentServer, AgentSession, JobContext, JobExecutorType, JobRequest
+from livekit.agents import (
+    AgentServer,
+    AgentSession,
+    JobContext,
+    JobExecutorType,
+    JobRequest,
+)
 
 from appliance.config import Config
 from appliance.logs import guard_livekit_logs, redact_tokens
@@ -44,6 +50,9 @@ from appliance.session.modelset import ModelSet
 from appliance.sip.bridge import DtmfCollector, phone_config, transfer_tool
 
 logger = logging.getLogger("appliance.worker")
+# livekit-server dispatches only while some worker reports a load under its target (0.7):
+# a worker with room reports sessions / max_sessions scaled under it, a full one 1.0
+TARGET_LOAD = 0.7
 
 
 def person_of(participant: rtc.RemoteParticipant) -> Person:
@@ -76,20 +85,24 @@ class ApplianceWorker:
         self.registered = asyncio.Event()
         self.server: AgentServer | None = None
         self.sessions: dict[str, AgentSession] = {}  # room -> its session, while it runs
+        self._pending = 0  # calls accepted, not started
 
     def load(self, *_: Any) -> float:
-        """Active sessions / max_sessions: what the server balances on."""
+        """What the server balances on: sessions (and calls accepted, not yet started) /
+        max_sessions, scaled under the server's target load; 1.0 when full."""
         with self._lock:
-            return min(1.0, self.active / self.lk.max_sessions)
+            taken = self.active + self._pending
+            cap = self.lk.max_sessions
+            return 1.0 if taken >= cap else TARGET_LOAD * taken / cap
 
     def _server(self) -> AgentServer:
         cap = self.lk.max_sessions
         server = AgentServer(
             job_executor_type=JobExecutorType.THREAD,
-            # full (no more jobs offered) exactly at max_sessions; the threshold must be < 1
-            load_threshold=1 - 0.5 / cap,
+            # full (no more jobs offered) exactly at max_sessions
+            load_threshold=TARGET_LOAD,
             load_fnc=self.load,
-            num_idle_processes=1,
+            num_idle_processes=cap,
             ws_url=self.lk.url,
             api_key=self.lk.api_key,
             api_secret=self.lk.secret(),
@@ -104,10 +117,13 @@ class ApplianceWorker:
         return server
 
     async def _request(self, request: JobRequest) -> None:
+        """Take a call while there is room; else the server offers it to the next worker."""
         with self._lock:
-            full = self.active >= self.lk.max_sessions
-        if full:
-            await request.reject()
+            take = self.active + self._pending < self.lk.max_sessions
+            if take:
+                self._pending += 1
+        if not take:
+            await request.reject(terminate=False)
             return
         host = socket.gethostname()
         await request.accept(
@@ -120,6 +136,7 @@ class ApplianceWorker:
         """One job: join, wait for the person, converse until they leave."""
         with self._lock:
             self.active += 1
+            self._pending = max(0, self._pending - 1)
         room = ctx.job.room.name
         try:
             if self.on_job is not None:
