@@ -214,17 +214,21 @@ def test_two_workers_share_the_calls_and_one_drains(
         out["drainer_agents_stayed"] = all(pid_in(p) for p in mine)
         others = [p for p in people if p not in mine]
         await others[0].leave()  # a slot frees on the other worker
-        await asyncio.sleep(4.0)  # its load goes out every 2.5 s
-        sixth = Browser()
-        await sixth.join(server.url, server.token("call-5", "caller-5"))
-        await dispatch(server, "call-5")
-        await wait_for(lambda: pid_in(sixth) is not None, 30)
-        out["next_call"] = pid_in(sixth)
-        out["fifth_later"] = pid_in(fifth)
+        # the server may retry the waiting fifth call's dispatch (restart policy on
+        # failure) into the free slot; if it does not, a new call takes it
+        if await wait_for(lambda: pid_in(fifth) is not None, 15):
+            sixth = None
+            out["next_call"] = pid_in(fifth)
+        else:
+            sixth = Browser()
+            await sixth.join(server.url, server.token("call-5", "caller-5"))
+            await dispatch(server, "call-5")
+            await wait_for(lambda: pid_in(sixth) is not None, 30)
+            out["next_call"] = pid_in(sixth)
         for person in mine:
             await person.leave()
         out["drainer_exit"] = await asyncio.wait_for(draining.proc.wait(), 60)
-        for person in [*others[1:], fifth, sixth]:
+        for person in [*others[1:], fifth, *([sixth] if sixth else [])]:
             await person.leave()
         out["other_exit"] = await daemons[1].stop()
         out["pids"] = list(pids)
