@@ -28,7 +28,6 @@ import math
 import os
 import socket
 import threading
-from collections.abc import Callable
 from typing import Any
 
 from livekit import api, rtc
@@ -69,16 +68,9 @@ def person_of(participant: rtc.RemoteParticipant) -> Person:
 class ApplianceWorker:
     """One registration with the server; `run` until `stop` is set, then drain."""
 
-    def __init__(
-        self,
-        config: Config,
-        models: ModelSet,
-        *,
-        on_job: Callable[[str, str], None] | None = None,
-    ) -> None:
+    def __init__(self, config: Config, models: ModelSet) -> None:
         self.config, self.models = config, models
         self.lk = config.livekit
-        self.on_job = on_job  # (room, "started" | "ended"), called from the job's thread
         self._lock = threading.Lock()
         self.active = 0
         self.jobs_done = 0
@@ -139,8 +131,6 @@ class ApplianceWorker:
             self._pending = max(0, self._pending - 1)
         room = ctx.job.room.name
         try:
-            if self.on_job is not None:
-                self.on_job(room, "started")
             await ctx.connect()
             participant = await ctx.wait_for_participant()
             person = person_of(participant)
@@ -150,8 +140,6 @@ class ApplianceWorker:
             with self._lock:
                 self.active -= 1
                 self.jobs_done += 1
-            if self.on_job is not None:
-                self.on_job(room, "ended")
             ctx.shutdown("the person left")
 
     async def _converse(self, ctx: JobContext, room: str, person: Person) -> None:

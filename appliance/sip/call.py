@@ -28,13 +28,12 @@ from appliance.sip.message import (
     parse_uri,
 )
 from appliance.sip.rtp import RtpSession
+from appliance.sip.transaction import Peer
 
 if TYPE_CHECKING:
     from appliance.sip.ua import UserAgent
 
 logger = logging.getLogger("appliance.sip")
-
-Peer = tuple[str, int]
 
 
 class CallMedia(Protocol):

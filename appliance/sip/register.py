@@ -21,12 +21,12 @@ from appliance.sip.message import (
     param,
     parse_uri,
 )
+from appliance.sip.transaction import Peer
 
 if TYPE_CHECKING:
     from appliance.sip.ua import UserAgent
 
 logger = logging.getLogger("appliance.sip")
-Peer = tuple[str, int]
 
 
 class Registration:

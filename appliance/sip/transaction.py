@@ -34,8 +34,8 @@ SCANNERS = re.compile(
     re.IGNORECASE,
 )
 
-Address = tuple[str, int]
-Key = tuple[str, str, Address]  # branch, method, source (RFC 3261 17.2.3, with the address)
+Peer = tuple[str, int]  # (host, port) of a datagram
+Key = tuple[str, str, Peer]  # branch, method, source (RFC 3261 17.2.3, with the address)
 
 
 @dataclass
@@ -54,10 +54,10 @@ class Transport(asyncio.DatagramProtocol):
     branch is the transaction key).
     """
 
-    def __init__(self, handler: Callable[[Message, Address], None]) -> None:
+    def __init__(self, handler: Callable[[Message, Peer], None]) -> None:
         self.handler = handler
         self.transport: asyncio.DatagramTransport | None = None
-        self.local: Address = ("0.0.0.0", 0)
+        self.local: Peer = ("0.0.0.0", 0)
         self.bad = BadInput(logger)
         self._clients: dict[tuple[str, str], asyncio.Queue[Message]] = {}
         self._servers: dict[Key, _Server] = {}  # oldest first: expiry is insertion order
@@ -67,7 +67,7 @@ class Transport(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
         self.local = transport.get_extra_info("sockname")[:2]
 
-    def send(self, message: Message, addr: Address) -> None:
+    def send(self, message: Message, addr: Peer) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(message.to_bytes(), addr)
 
@@ -101,7 +101,7 @@ class Transport(asyncio.DatagramProtocol):
                 exc_info=True,
             )
 
-    def _bad(self, addr: Address, why: str, message: Message | None = None) -> None:
+    def _bad(self, addr: Peer, why: str, message: Message | None = None) -> None:
         """Count, log now and then, and answer 400 when the request can be answered."""
         if message is not None and SCANNERS.search(message.get("User-Agent")):
             self.bad("scanner", "dropped a SIP scanner's request from %s", addr[0])
@@ -119,7 +119,7 @@ class Transport(asyncio.DatagramProtocol):
 
     # -- server side --
 
-    def _request(self, message: Message, addr: Address) -> None:
+    def _request(self, message: Message, addr: Peer) -> None:
         if not message.branch:
             raise SipError("no Via branch")
         if message.method == "ACK":
@@ -149,7 +149,7 @@ class Transport(asyncio.DatagramProtocol):
             del self._servers[old]
         return server
 
-    def respond(self, request: Message, response: Message, addr: Address) -> None:
+    def respond(self, request: Message, response: Message, addr: Peer) -> None:
         """Send a response and remember it for retransmitted requests."""
         server = self._servers.get((request.branch, request.cseq[1], addr))
         if server is not None:
@@ -157,7 +157,7 @@ class Transport(asyncio.DatagramProtocol):
         self.send(response, addr)
 
     async def respond_reliably(
-        self, request: Message, response: Message, addr: Address, acked: asyncio.Event
+        self, request: Message, response: Message, addr: Peer, acked: asyncio.Event
     ) -> bool:
         """A final response to INVITE, resent (T1 doubling to T2) until `acked` is set.
 
@@ -189,7 +189,7 @@ class Transport(asyncio.DatagramProtocol):
 
     # -- client side --
 
-    def _response(self, message: Message, addr: Address) -> None:
+    def _response(self, message: Message, addr: Peer) -> None:
         queue = self._clients.get((message.branch, message.cseq[1]))
         if queue is not None:
             queue.put_nowait(message)
@@ -199,7 +199,7 @@ class Transport(asyncio.DatagramProtocol):
     async def request(
         self,
         message: Message,
-        addr: Address,
+        addr: Peer,
         *,
         on_provisional: Callable[[Message], None] | None = None,
         timeout: float = TIMEOUT,

@@ -37,7 +37,7 @@ from appliance.sip.message import (
     response,
 )
 from appliance.sip.register import Registration
-from appliance.sip.transaction import Transport
+from appliance.sip.transaction import Peer, Transport
 
 if TYPE_CHECKING:
     from appliance.config import SipConfig
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("appliance.sip")
 
 ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, INFO, REFER, NOTIFY"
-Peer = tuple[str, int]
 
 
 def local_address_for(peer: str) -> str:
