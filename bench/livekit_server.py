@@ -32,7 +32,8 @@ KEY, SECRET = "APIappliancetest", "s" * 24 + "ecret-for-tests-only-0123"
 P = TypeVar("P", bound="_Process")
 
 
-def _free_port(kind: socket.SocketKind) -> int:
+def free_port(kind: socket.SocketKind = socket.SOCK_DGRAM) -> int:
+    """A loopback port free now (UDP, or TCP with SOCK_STREAM); the caller binds it soon."""
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -135,8 +136,8 @@ class LiveKitServer(_Process):
 
     def __init__(self, workdir: Path, redis: str = "") -> None:
         super().__init__(workdir, BINARY)
-        self.port, self.tcp_port = _free_port(socket.SOCK_STREAM), _free_port(socket.SOCK_STREAM)
-        self.udp_port = _free_port(socket.SOCK_DGRAM)
+        self.port, self.tcp_port = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+        self.udp_port = free_port(socket.SOCK_DGRAM)
         self.url = f"ws://127.0.0.1:{self.port}"
         self.key, self.secret = KEY, SECRET
         self.config = workdir / "livekit.yaml"
@@ -170,7 +171,7 @@ class Redis(_Process):
 
     def __init__(self, workdir: Path) -> None:
         super().__init__(workdir, Path(shutil.which("redis-server") or "/usr/bin/redis-server"))
-        self.port = _free_port(socket.SOCK_STREAM)
+        self.port = free_port(socket.SOCK_STREAM)
         self.address = f"127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
@@ -213,8 +214,8 @@ class LiveKitSip(_Process):
 
     def __init__(self, workdir: Path, server: LiveKitServer, redis: Redis) -> None:
         super().__init__(workdir, SIP_BINARY)
-        self.sip_port = _free_port(socket.SOCK_DGRAM)
-        self.health = _free_port(socket.SOCK_STREAM)
+        self.sip_port = free_port(socket.SOCK_DGRAM)
+        self.health = free_port(socket.SOCK_STREAM)
         low = 32000 + (os.getpid() % 100) * 100
         self.config = workdir / "livekit-sip.yaml"
         self.config.write_text(
@@ -284,15 +285,14 @@ class Deployment:
             await lkapi.aclose()
 
     def cpu_s(self) -> dict[str, float]:
-        """CPU seconds so far of each LiveKit process (Linux /proc)."""
-        return {p.name: cpu_s(p.proc.pid) for p in (self.server, self.sip, self.redis) if p.proc}
+        """CPU seconds so far of each LiveKit process."""
+        import psutil
+
+        from bench.latency import _cpu_seconds
+
+        parts = (self.server, self.sip, self.redis)
+        return {p.name: _cpu_seconds(psutil.Process(p.proc.pid)) for p in parts if p.proc}
 
     def stop(self) -> None:
         for part in (self.sip, self.server, self.redis):
             part.stop()
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -32,8 +32,8 @@ import numpy as np
 
 from appliance.config import Config, LivekitConfig
 from bench.latency import QUESTIONS, run_record, spoken_questions
-from bench.livekit_server import Deployment
-from bench.sip_calls import RATE, _free_port, _level
+from bench.livekit_server import Deployment, free_port
+from bench.sip_calls import RATE, call_level
 
 if TYPE_CHECKING:
     from appliance.observe.events import SessionInfo
@@ -82,7 +82,7 @@ async def _run_mode(
     from appliance.sip.ua import UserAgent
     from appliance.systemd import Notifier
 
-    port = _free_port()
+    port = free_port()
     sip = config.sip.model_copy(
         update={"enabled": mode != "trunk", "listen": "127.0.0.1", "port": port, "max_calls": n}
     )
@@ -120,7 +120,7 @@ async def _run_mode(
     cpu0 = time.process_time()
     site0 = site.cpu_s()
     try:
-        result = await _level(appliance, caller, target, n, questions, per_call)
+        result = await call_level(appliance, caller, target, n, questions, per_call)
     finally:
         cpu = time.process_time() - cpu0
         site_cpu = {k: v - site0.get(k, 0.0) for k, v in site.cpu_s().items()}

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import datetime
 import json
-import socket
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 
 from appliance.config import Config
 from bench.latency import QUESTIONS, run_record, spoken_questions
+from bench.livekit_server import free_port
 from bench.usb_audio import LOUD, percentiles
 
 if TYPE_CHECKING:
@@ -39,12 +39,6 @@ RATE = 8000
 FRAME = 160
 V2V_LIMIT_MS = 1500.0
 QUESTIONS_PER_CALL = 3
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Phone:
@@ -123,7 +117,7 @@ async def _one_call(
     return result
 
 
-async def _level(
+async def call_level(
     appliance: UserAgent | None,
     caller: UserAgent,
     target: str,
@@ -181,7 +175,7 @@ async def _bench(
     from appliance.sip.ua import UserAgent
     from appliance.systemd import Notifier
 
-    port = _free_port()
+    port = free_port()
     sip = config.sip.model_copy(
         update={"enabled": True, "listen": "127.0.0.1", "port": port, "max_calls": max(levels)}
     )
@@ -205,7 +199,7 @@ async def _bench(
         for n in levels:
             print(f"  {n} concurrent call(s)...", file=sys.stderr, flush=True)
             target = f"sip:agent@127.0.0.1:{port}"
-            results.append(await _level(appliance, caller, target, n, questions))
+            results.append(await call_level(appliance, caller, target, n, questions))
             await asyncio.sleep(1.0)
     finally:
         await caller.stop()

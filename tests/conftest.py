@@ -7,12 +7,15 @@ run; tests that use espeak-ng say so.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from appliance.audio.pcm import resample
 from appliance.store import manifest
 from appliance.store.disk import file_path, models_dir
 from bench import room_sim as audiosim
+from bench.livekit_server import free_port
 
 MODELS_DIR = models_dir()
 
@@ -47,6 +51,25 @@ def transcribed_as(expected: str, transcript: str) -> bool:
     return wer is not None and wer <= 1 / 3
 
 
+def conversation(session: Any) -> list[tuple[str, str]]:
+    """A session's user and assistant messages so far, as (role, text)."""
+    return [
+        (i.role, i.text_content or "")
+        for i in session.history.items
+        if getattr(i, "role", None) in ("user", "assistant")
+    ]
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Poll `condition` on the running loop until it holds (True) or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
 def model_file(model_id: str, suffix: str) -> Path:
     entry = manifest.load().models[model_id]
     return file_path(entry, entry.file(suffix).name, MODELS_DIR)
@@ -54,16 +77,12 @@ def model_file(model_id: str, suffix: str) -> Path:
 
 def free_tcp_port() -> int:
     """A TCP port free on loopback now (the test binds it soon after)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port(socket.SOCK_STREAM)
 
 
 def free_udp_port() -> int:
     """A UDP port free on loopback now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port(socket.SOCK_DGRAM)
 
 
 @pytest.fixture(scope="session")

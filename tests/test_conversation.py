@@ -25,7 +25,7 @@ from appliance.converse import converse, history_items, wire
 from appliance.plugins.whisper.engine import transcribe
 from appliance.session.builder import ApplianceAgent, build_session
 
-from .conftest import transcribed_as
+from .conftest import transcribed_as, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -52,11 +52,7 @@ def transcribe_back(models: Any, pcm: np.ndarray, rate: int) -> str:
 
 
 async def wait_for(predicate: Any, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
+    assert await wait_until(predicate, timeout), "condition not reached in time"
 
 
 @asynccontextmanager

@@ -29,7 +29,7 @@ from appliance.usb.audio import UsbAudio
 from appliance.usb.kiosk import serve_usb
 from bench.room_sim import Room
 
-from .conftest import transcribed_as
+from .conftest import conversation, transcribed_as
 
 RATE = 16000
 
@@ -332,22 +332,14 @@ def run_ptt_kiosk(models: Any, scenario: Callable[..., Any], timeout: float = 90
     return asyncio.run(main())
 
 
-def roles(session: Any) -> list[tuple[str, str]]:
-    return [
-        (i.role, i.text_content or "")
-        for i in session.history.items
-        if getattr(i, "role", None) in ("user", "assistant")
-    ]
-
-
 async def wait_reply_done(session: Any, usb: UsbAudio, replies: int, timeout: float = 40) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        done = sum(r == "assistant" for r, _ in roles(session)) >= replies
+        done = sum(r == "assistant" for r, _ in conversation(session)) >= replies
         if done and session.agent_state == "listening" and not usb.speaker.playing:
             return
         await asyncio.sleep(0.1)
-    raise AssertionError(f"no reply: {roles(session)}")
+    raise AssertionError(f"no reply: {conversation(session)}")
 
 
 async def hold(pin: Any, seconds: float) -> None:
@@ -365,13 +357,13 @@ def test_push_to_talk_end_to_end(models: Any, speak: Callable[..., np.ndarray], 
         frames = usb.microphone.frames
         room.say(question)
         await asyncio.sleep(len(question) / RATE + 2.0)
-        out["while_up"] = roles(session)
+        out["while_up"] = conversation(session)
         out["mic_frames_while_up"] = usb.microphone.frames - frames  # captured, then dropped
         out["user_state_while_up"] = session.user_state
         # 2. a too-short press: no turn
         await hold(pin, 0.1)
         await asyncio.sleep(1.5)
-        out["after_tap"] = roles(session)
+        out["after_tap"] = conversation(session)
         # 3. hold, speak, release: one turn, one reply; the LED follows
         ptt.led.history[:] = [ptt.led.state]  # type: ignore[union-attr]
         requests: list[Any] = []
@@ -382,7 +374,7 @@ def test_push_to_talk_end_to_end(models: Any, speak: Callable[..., np.ndarray], 
         await asyncio.sleep(len(question) / RATE + 0.3)
         await asyncio.to_thread(pin.drive_high)
         await wait_reply_done(session, usb, 1)
-        out["after_turn"] = roles(session)
+        out["after_turn"] = conversation(session)
         out["led"] = list(ptt.led.history)  # type: ignore[union-attr]
         out["prompts"] = [(m.prompt_tokens, m.prompt_cached_tokens) for m in requests]
         # 4. a press during a reply stops playback at once
@@ -440,7 +432,7 @@ def test_a_double_press_cancels_the_turn_without_a_reply(
         played = len(room.played) // 2
         await asyncio.sleep(5.0)
         return {
-            "roles": roles(session),
+            "roles": conversation(session),
             "reply_audio": room.played_pcm(played),
             "memory": [getattr(i, "role", None) for i in session.current_agent.chat_ctx.items],
             "cancels": ptt.cancels,

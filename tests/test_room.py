@@ -31,7 +31,7 @@ from appliance.config import ConfigError, LivekitConfig, parse
 from appliance.usb.audio import UsbAudio
 from bench import room_sim as audiosim
 
-from .conftest import free_udp_port, transcribed_as
+from .conftest import conversation, free_udp_port, transcribed_as
 from .test_kiosk import ask, kiosk_config, rms, run_kiosk
 from .test_sip import (
     ECHO_PHONE,
@@ -428,11 +428,7 @@ def test_a_kiosk_conversation_in_a_room_that_drops_goes_on_on_the_sound_card(
         await asyncio.sleep(0.5)
         out["mode_after"] = bridge.mode
         out["reply"] = await ask(room, usb, session, speak("What is the capital of France?"))
-        out["items"] = [
-            (i.role, i.text_content or "")
-            for i in session.history.items
-            if getattr(i, "role", None) in ("user", "assistant")
-        ]
+        out["items"] = conversation(session)
         return out
 
     out = run_kiosk(models, config, scenario, on_conversation=lambda c: bridges.append(c.room))

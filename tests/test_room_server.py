@@ -30,7 +30,7 @@ from appliance.usb.audio import UsbAudio
 from bench import room_sim as audiosim
 from bench.livekit_server import LiveKitServer
 
-from .conftest import free_udp_port, transcribed_as
+from .conftest import conversation, free_udp_port, transcribed_as, wait_until
 from .test_kiosk import ask, kiosk_config, rms, run_kiosk
 from .test_room import dial_an_echo
 from .test_sip import (
@@ -136,14 +136,6 @@ def said(models: Any, pcm: np.ndarray) -> str:
     return " ".join(transcribe(models.whisper, u, "en", window="full")[0] for u in utterances(pcm))
 
 
-def conversation(session: Any) -> list[tuple[str, str]]:
-    return [
-        (i.role, i.text_content or "")
-        for i in session.history.items
-        if getattr(i, "role", None) in ("user", "assistant")
-    ]
-
-
 def words(text: str) -> set[str]:
     return {w.strip(".,!?").lower() for w in text.split()}
 
@@ -164,15 +156,6 @@ def secret_file(tmp_path: Path, livekit_server: LiveKitServer) -> Path:
     path = tmp_path / "livekit-secret"
     path.write_text(livekit_server.secret)
     return path
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.1)
-    return True
 
 
 def test_a_phone_call_in_a_room_is_heard_read_and_joined_from_a_browser(
@@ -196,9 +179,9 @@ def test_a_phone_call_in_a_room_is_heard_read_and_joined_from_a_browser(
         keys |= {"lead": "4000", "wait": "12000", "after": "14000"}
         caller = await start_sipp(tmp_path, f"127.0.0.1:{port}", scenario="ask.xml", keys=keys)
         out: dict[str, Any] = {}
-        assert await wait_for(lambda: bool(service.conversations), 15)
+        assert await wait_until(lambda: bool(service.conversations), 15)
         conv = service.conversations[-1]
-        assert await wait_for(lambda: conv.room is not None and conv.room.mode == "room", 15)
+        assert await wait_until(lambda: conv.room is not None and conv.room.mode == "room", 15)
 
         def replied(n: int) -> bool:
             return (
@@ -206,11 +189,11 @@ def test_a_phone_call_in_a_room_is_heard_read_and_joined_from_a_browser(
                 and conv.session.agent_state == "listening"
             )
 
-        assert await wait_for(lambda: replied(2), 30), items(conv)  # greeting, answer
+        assert await wait_until(lambda: replied(2), 30), items(conv)  # greeting, answer
         lkapi = server.api()
         people = await lkapi.room.list_participants(api.ListParticipantsRequest(room="front-desk"))
         out["people"] = {p.identity: (p.kind, dict(p.attributes)) for p in people.participants}
-        assert await wait_for(lambda: replied(3), 30), items(conv)  # the keys' reply
+        assert await wait_until(lambda: replied(3), 30), items(conv)  # the keys' reply
         out["before"] = items(conv)
         spoke = time.monotonic()
         await browser.say(speak("Please hold the line."))
@@ -337,24 +320,24 @@ def test_a_server_killed_mid_call_then_restarted(
         keys = {"receiver": str(rport), "question": str(question)}
         keys |= {"lead": "20000", "wait": "9000", "after": "1000"}
         caller = await start_sipp(tmp_path, f"127.0.0.1:{port}", scenario="ask.xml", keys=keys)
-        assert await wait_for(lambda: bool(service.conversations), 15)
+        assert await wait_until(lambda: bool(service.conversations), 15)
         conv = service.conversations[-1]
         bridge = conv.room
         assert bridge is not None
-        assert await wait_for(lambda: bridge.mode == "room", 15)
-        assert await wait_for(lambda: len(items(conv)) >= 1, 10)  # the greeting, in the room
+        assert await wait_until(lambda: bridge.mode == "room", 15)
+        assert await wait_until(lambda: len(items(conv)) >= 1, 10)  # the greeting, in the room
         await asyncio.sleep(1.5)
         out: dict[str, Any] = {}
         killed = time.monotonic()
         server.kill()
-        await wait_for(lambda: bridge.mode == "direct", 10)
+        await wait_until(lambda: bridge.mode == "direct", 10)
         out["offline_after_s"] = time.monotonic() - killed
         conv.session.say("Still here.")
         await asyncio.sleep(3.0)
         out["offline"] = caller_heard(proto, killed, time.monotonic())
         server.start()  # on the same ports
         back = time.monotonic()
-        await wait_for(lambda: bridge.mode == "room", 30)
+        await wait_until(lambda: bridge.mode == "room", 30)
         out["back_after_s"] = time.monotonic() - back
         lkapi = server.api()
         people = await lkapi.room.list_participants(api.ListParticipantsRequest(room="desk"))

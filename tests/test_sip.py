@@ -33,7 +33,7 @@ from appliance.service import Service
 from appliance.sip import g711, rtp
 from appliance.systemd import Notifier
 
-from .conftest import free_tcp_port, free_udp_port, transcribed_as
+from .conftest import conversation, free_tcp_port, free_udp_port, transcribed_as
 
 REPO = Path(__file__).parent.parent
 SIPP = shutil.which("sipp")
@@ -234,11 +234,7 @@ def utterances(pcm16k: np.ndarray, gap_s: float = 0.6) -> list[np.ndarray]:
 
 
 def items(conv: SessionInfo) -> list[tuple[str, str]]:
-    return [
-        (i.role, i.text_content or "")
-        for i in conv.session.history.items
-        if getattr(i, "role", None) in ("user", "assistant")
-    ]
+    return conversation(conv.session)
 
 
 def test_a_call_asks_hears_the_answer_and_sends_dtmf(

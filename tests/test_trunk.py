@@ -19,8 +19,8 @@ from appliance.audio.pcm import resample
 from appliance.sip import g711
 from bench.livekit_server import Deployment
 
-from .conftest import transcribed_as
-from .test_room_server import said, wait_for, words
+from .conftest import conversation, transcribed_as, wait_until
+from .test_room_server import said, words
 from .test_sip import SIPP, finish, receiver, rtp_pcap, start_sipp
 from .test_worker import AGENT, run_worker, worker_config
 
@@ -53,7 +53,7 @@ def test_a_trunk_call_is_answered_by_a_worker(
         keys |= {"lead": "4000", "wait": "9000", "after": "6000"}
         target = f"127.0.0.1:{trunk.sip.sip_port}"
         caller = await start_sipp(tmp_path, target, scenario="ask.xml", keys=keys, timeout=90)
-        out: dict[str, Any] = {"job": await wait_for(lambda: worker.active == 1, 30)}
+        out: dict[str, Any] = {"job": await wait_until(lambda: worker.active == 1, 30)}
         lkapi = trunk.server.api()
         rooms = (await lkapi.room.list_rooms(api.ListRoomsRequest())).rooms
         out["rooms"] = [r.name for r in rooms]
@@ -64,20 +64,16 @@ def test_a_trunk_call_is_answered_by_a_worker(
         out["people"] = people
         await lkapi.aclose()
         room = next(n for n in out["rooms"] if n.startswith("call-"))
-        await wait_for(lambda: room in worker.sessions, 20)
+        await wait_until(lambda: room in worker.sessions, 20)
         session = worker.sessions.get(room)
         out["tools"] = [t.id for t in session.current_agent.tools] if session else []
         while session is not None and room in worker.sessions:  # its conversation
-            out["items"] = [
-                (i.role, i.text_content or "")
-                for i in session.history.items
-                if getattr(i, "role", None) in ("user", "assistant")
-            ]
+            out["items"] = conversation(session)
             out["userdata"] = dict(session.userdata)
             await asyncio.sleep(0.2)
         out["uas"] = await finish(caller, tmp_path)
         transport.close()
-        out["ended"] = await wait_for(lambda: worker.active == 0 and worker.jobs_done >= 1, 20)
+        out["ended"] = await wait_until(lambda: worker.active == 0 and worker.jobs_done >= 1, 20)
         pcm = np.concatenate(
             [g711.ulaw_decode(p.payload) for _, p in proto.packets] or [np.zeros(0, np.int16)]
         )
@@ -119,7 +115,7 @@ def test_transfer_call_is_a_refer_through_livekit_sip(
         caller = await start_sipp(
             tmp_path, target_port, scenario="refer.xml", keys={"target": target}, timeout=90
         )
-        assert await wait_for(lambda: bool(worker.sessions), 30)
+        assert await wait_until(lambda: bool(worker.sessions), 30)
         room, session = next(iter(worker.sessions.items()))
         identity = session.userdata["participant"]
 
@@ -141,7 +137,7 @@ def test_transfer_call_is_a_refer_through_livekit_sip(
         # what the agent's transfer_call tool does
         out["transferred"] = await worker.transfer(room, identity, target)
         out["uas"] = await finish(caller, tmp_path)
-        out["ended"] = await wait_for(lambda: worker.active == 0, 20)
+        out["ended"] = await wait_until(lambda: worker.active == 0, 20)
         return out
 
     out = run_worker(models, config, scenario)
@@ -168,7 +164,7 @@ def test_a_call_to_a_full_fleet_rings_then_is_refused(
         # sipp sends RTP only while it plays: pauses stay under LiveKit SIP's media timeout
         keys |= {"lead": "1000", "wait": "6000", "after": "9000"}
         first = await start_sipp(tmp_path, target, scenario="ask.xml", keys=keys, timeout=90)
-        assert await wait_for(lambda: bool(worker.sessions), 30)
+        assert await wait_until(lambda: bool(worker.sessions), 30)
         await asyncio.sleep(3.0)  # the server has the worker's full load
         sip = config.sip.model_copy(
             update={"enabled": True, "port": 0, "rtp_ports": (40000, 41000)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +21,11 @@ from appliance.service import Service
 from appliance.systemd import Notifier
 from bench.livekit_server import LiveKitServer
 
-from .conftest import transcribed_as
-from .test_room_server import Browser, said, wait_for, words
+from .conftest import transcribed_as, wait_until
+from .test_room_server import Browser, said, words
+from .test_service import Daemon
 
 AGENT = "front-desk"
-REPO = Path(__file__).parent.parent
 
 
 def worker_config(server: LiveKitServer, secret_file: Path, **lk: Any) -> config_mod.Config:
@@ -53,7 +54,7 @@ def run_worker(models: Any, config: config_mod.Config, scenario: Callable[[Servi
         service = Service(config, None, notifier=Notifier({}), models=models)
         daemon = asyncio.create_task(service.run())
         try:
-            assert await wait_for(lambda: service.worker is not None or daemon.done(), 60)
+            assert await wait_until(lambda: service.worker is not None or daemon.done(), 60)
             assert service.worker is not None, daemon.result()
             await asyncio.wait_for(service.worker.registered.wait(), 30)
             return await asyncio.wait_for(scenario(service), 240)
@@ -95,15 +96,15 @@ def test_a_dispatched_job_talks_with_the_person_in_the_room(
         await person.join(server.url, server.token("kiosk-7", "visitor"))
         await person.unmute()
         await dispatch(server, "kiosk-7")
-        assert await wait_for(lambda: agent_in(person) is not None, 30)
+        assert await wait_until(lambda: agent_in(person) is not None, 30)
         agent = agent_in(person)
         assert agent is not None
-        assert await wait_for(lambda: "listening" in person.states(agent)[1:], 30)  # greeted
+        assert await wait_until(lambda: "listening" in person.states(agent)[1:], 30)  # greeted
         out: dict[str, Any] = {"load_during": worker.load()}
         asked = time.monotonic()
         await person.say(speak("What is the capital of France?"))
-        assert await wait_for(lambda: person.states(agent)[-1:] == ["speaking"], 30)
-        assert await wait_for(lambda: person.states(agent)[-1:] == ["listening"], 30)
+        assert await wait_until(lambda: person.states(agent)[-1:] == ["speaking"], 30)
+        assert await wait_until(lambda: person.states(agent)[-1:] == ["listening"], 30)
         await asyncio.sleep(0.5)
         out["answer"] = said(models, person.heard(agent, asked))
         out["greeting"] = said(models, person.heard(agent)[: len(person.heard(agent)) // 3])
@@ -114,7 +115,7 @@ def test_a_dispatched_job_talks_with_the_person_in_the_room(
         out["agent_kind"] = next(p.kind for p in people.participants if p.identity == agent)
         await lkapi.aclose()
         await person.leave()  # the job ends when the person leaves
-        assert await wait_for(lambda: worker.active == 0 and worker.jobs_done == 1, 20)
+        assert await wait_until(lambda: worker.active == 0 and worker.jobs_done == 1, 20)
         out["load_after"] = worker.load()
         return out
 
@@ -127,37 +128,6 @@ def test_a_dispatched_job_talks_with_the_person_in_the_room(
     replies = [t for who, t, _ in out["transcripts"] if who.startswith("agent_")]
     assert any(len(words(r) & words(out["answer"])) >= 2 for r in replies), (replies, out)
     assert out["load_during"] == 0.35 and out["load_after"] == 0.0  # 0.7 x 1 of 2 sessions
-
-
-class Daemon:
-    """`appliance run` in its own process, as on a device: one worker of the fleet."""
-
-    def __init__(self, tmp_path: Path, name: str, config: str) -> None:
-        self.dir = tmp_path / name
-        self.dir.mkdir()
-        (self.dir / "appliance.toml").write_text(config)
-        self.log = self.dir / "daemon.log"
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with self.log.open("wb") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                str(REPO / ".venv" / "bin" / "appliance"),
-                "run",
-                "--config",
-                str(self.dir / "appliance.toml"),
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-
-    def said(self, text: str) -> bool:
-        return text in self.log.read_text(errors="replace")
-
-    async def stop(self, timeout: float = 60) -> int:
-        assert self.proc is not None
-        if self.proc.returncode is None:
-            self.proc.terminate()
-        return await asyncio.wait_for(self.proc.wait(), timeout)
 
 
 def fleet_config(server: LiveKitServer, secret_file: Path) -> str:
@@ -176,7 +146,7 @@ def test_two_workers_share_the_calls_and_one_drains(
     server = livekit_server
     secret = tmp_path / "secret"
     secret.write_text(server.secret)
-    daemons = [Daemon(tmp_path, n, fleet_config(server, secret)) for n in ("w1", "w2")]
+    config = fleet_config(server, secret)
 
     def pid_in(browser: Browser) -> str | None:
         for identity, p in browser.room.remote_participants.items():
@@ -185,11 +155,9 @@ def test_two_workers_share_the_calls_and_one_drains(
         return None
 
     async def main() -> dict[str, Any]:
-        for d in daemons:
-            await d.start()
-        ok = await wait_for(lambda: all(d.said("registered worker") for d in daemons), 180)
-        assert ok, [d.log.read_text()[-3000:] for d in daemons]
-        pids = {str(d.proc.pid): d for d in daemons if d.proc is not None}
+        ok = await wait_until(lambda: all("registered worker" in d.text() for d in daemons), 180)
+        assert ok, [d.text()[-3000:] for d in daemons]
+        pids = [str(d.proc.pid) for d in daemons]
         people = []
         for n in range(4):
             person = Browser()
@@ -197,7 +165,7 @@ def test_two_workers_share_the_calls_and_one_drains(
             await dispatch(server, f"call-{n}")
             people.append(person)
             await asyncio.sleep(1.0)
-        assert await wait_for(lambda: all(pid_in(p) for p in people), 60)
+        assert await wait_until(lambda: all(pid_in(p) for p in people), 60)
         out: dict[str, Any] = {"first": [pid_in(p) for p in people]}
         fifth = Browser()
         await fifth.join(server.url, server.token("call-4", "caller-4"))
@@ -206,40 +174,43 @@ def test_two_workers_share_the_calls_and_one_drains(
         out["fifth_while_full"] = pid_in(fifth)
         # one worker is stopped mid-call: it finishes its calls and takes no new ones
         draining = daemons[0]
-        assert draining.proc is not None
-        draining.proc.terminate()
+        draining.signal(signal.SIGTERM)
         await asyncio.sleep(3.0)
-        out["drainer_still_up"] = draining.proc.returncode is None
+        out["drainer_still_up"] = draining.proc.poll() is None
         mine = [p for p in people if pid_in(p) == str(draining.proc.pid)]
         out["drainer_agents_stayed"] = all(pid_in(p) for p in mine)
         others = [p for p in people if p not in mine]
         await others[0].leave()  # a slot frees on the other worker
         # the server may retry the waiting fifth call's dispatch (restart policy on
         # failure) into the free slot; if it does not, a new call takes it
-        if await wait_for(lambda: pid_in(fifth) is not None, 15):
+        if await wait_until(lambda: pid_in(fifth) is not None, 15):
             sixth = None
             out["next_call"] = pid_in(fifth)
         else:
             sixth = Browser()
             await sixth.join(server.url, server.token("call-5", "caller-5"))
             await dispatch(server, "call-5")
-            await wait_for(lambda: pid_in(sixth) is not None, 30)
+            await wait_until(lambda: pid_in(sixth) is not None, 30)
             out["next_call"] = pid_in(sixth)
         for person in mine:
             await person.leave()
-        out["drainer_exit"] = await asyncio.wait_for(draining.proc.wait(), 60)
+        out["drainer_exit"] = await asyncio.to_thread(draining.proc.wait, 60)
         for person in [*others[1:], fifth, *([sixth] if sixth else [])]:
             await person.leave()
-        out["other_exit"] = await daemons[1].stop()
-        out["pids"] = list(pids)
+        daemons[1].signal(signal.SIGTERM)
+        out["other_exit"] = await asyncio.to_thread(daemons[1].proc.wait, 60)
+        out["pids"] = pids
         return out
 
+    daemons = []
     try:
+        for name in ("w1", "w2"):
+            (tmp_path / name).mkdir()
+            daemons.append(Daemon(tmp_path / name, config, {}))
         out = asyncio.run(main())
     finally:
         for d in daemons:
-            if d.proc is not None and d.proc.returncode is None:
-                d.proc.kill()
+            d.stop()
     first = out["first"]
     assert sorted(first.count(p) for p in out["pids"]) == [2, 2], out  # two on each
     assert out["fifth_while_full"] is None, out  # both full: nobody took it
@@ -260,14 +231,14 @@ def test_a_worker_whose_server_goes_away_registers_again(
         worker = service.worker
         assert worker is not None
         server.kill()
-        assert await wait_for(lambda: not worker.registered.is_set(), 60)
+        assert await wait_until(lambda: not worker.registered.is_set(), 60)
         await asyncio.sleep(5.0)  # more tries against nothing
         server.start()  # the same ports
-        back = await wait_for(worker.registered.is_set, 60)
+        back = await wait_until(worker.registered.is_set, 60)
         person = Browser()
         await person.join(server.url, server.token("desk-2", "visitor"))
         await dispatch(server, "desk-2")
-        answered = await wait_for(lambda: agent_in(person) is not None, 30)
+        answered = await wait_until(lambda: agent_in(person) is not None, 30)
         await person.leave()
         return {"back": back, "answered": answered}
 
