@@ -53,8 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--corpus", default="bench/eval/corpus.json")
     p.add_argument("--set", choices=("eval", "tune", "all"), default="eval")
-    p.add_argument("--configs", default="appliance,stock", help="appliance and/or stock")
+    p.add_argument(
+        "--configs",
+        default="appliance,livekit,pipecat",
+        help="comma-separated: appliance, livekit (peer 1), pipecat (peer 2)",
+    )
     p.add_argument("--limit", type=int, default=0, help="only the first N items")
+    p.add_argument("--spread", type=int, default=0, help="only N items spread over the set")
+    p.add_argument(
+        "--ptt-release",
+        default="",
+        help="push-to-talk instead: release the button these seconds after the last word, "
+        "e.g. 0,0.1 (appliance and livekit only)",
+    )
 
     add(
         "audio",
@@ -90,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run_bench_sip",
         "bench/sip.json",
     )
-    p.add_argument("--calls", default="1,2,3", help="concurrency levels, e.g. 1,2,3")
+    p.add_argument("--calls", default="1,2,3,4", help="concurrency levels, e.g. 1,2,3,4")
+    p.add_argument("--turns", type=int, default=30, help="questions per level (over its calls)")
 
     p = add(
         "room",

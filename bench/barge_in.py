@@ -4,8 +4,9 @@ The agent says a long announcement; some seconds into its playback a short spoke
 (Piper voice) starts on the microphone. The figure is the time from the phrase's first
 loud sample to the moment playback stops (paused or cut), both on the converse timeline
 (`fileaudio.RecordingAudioOutput` is a virtual sound card with an exact clock, so no card
-buffering is included). Each phrase is put to the appliance's session and to the stock
-AgentSession of `python -m bench latency`, interleaved, in one process over one `ModelSet`.
+buffering is included). Each phrase is put to the appliance's session (one `ModelSet`)
+and to livekit-agents at its defaults (`bench.peers`, its own model instances and the
+peers' LLM server), interleaved, in one process.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from appliance.config import Config
-from bench.latency import CONFIGS, RATE, SPEECH_THRESHOLD, run_record, stock_session
+from bench.latency import RATE, SPEECH_THRESHOLD, run_record
 from bench.usb_audio import percentiles
 
 if TYPE_CHECKING:
     from appliance.session.modelset import ModelSet
+    from bench.peers import LivekitPeerModels
+
+CONFIGS = ("appliance", "livekit")
 
 ANNOUNCEMENT = (
     "Here is a longer announcement from the kiosk. The museum opens at nine in the morning "
@@ -41,7 +45,7 @@ PHRASES = (
     "Excuse me, where is the exit?",
 )
 # Into the announcement's playback: past livekit's default 3 s AEC warm-up, during which
-# the stock session ignores the user (the appliance has none without local echo cancelling).
+# the peer ignores the user (the appliance has none without local echo cancelling).
 BARGE_IN_AFTER_S = 3.5
 WAIT_S = 6.0  # after the phrase starts: time for the session to decide it was interrupted
 
@@ -53,16 +57,28 @@ def speech_start_of(pcm: np.ndarray, threshold: int = SPEECH_THRESHOLD) -> float
 
 
 async def barge_in_once(
-    models: ModelSet, config: Config, name: str, phrase: str, pcm: np.ndarray
+    models: ModelSet,
+    peer: LivekitPeerModels,
+    config: Config,
+    name: str,
+    phrase: str,
+    pcm: np.ndarray,
 ) -> dict[str, Any]:
     """One announcement talked over by `pcm`; the reaction time and what became of it."""
+    from livekit.agents import Agent
+
     from appliance.converse import greeting_played, wire
     from appliance.session.builder import ApplianceAgent, build_session, end_session
+    from bench.peers import livekit_peer_session
 
-    session = build_session(config, models) if name == "appliance" else stock_session(models)
+    agent: Agent
+    if name == "appliance":
+        session, agent = build_session(config, models), ApplianceAgent(config.agent)
+    else:
+        session, agent = livekit_peer_session(peer), Agent(instructions=config.agent.instructions)
     _, mic, speaker, events, sync = wire(session, pcm)
     loop = asyncio.get_running_loop()
-    await session.start(ApplianceAgent(config.agent), record=False)
+    await session.start(agent, record=False)
     try:
         await greeting_played(session)
         handle = session.say(ANNOUNCEMENT)
@@ -94,12 +110,12 @@ async def barge_in_once(
 
 
 async def _bench(
-    models: ModelSet, config: Config, phrases: list[tuple[str, np.ndarray]]
+    models: ModelSet, peer: LivekitPeerModels, config: Config, phrases: list[tuple[str, np.ndarray]]
 ) -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
     for i, (phrase, pcm) in enumerate(phrases):
-        for name in CONFIGS:
-            run = await barge_in_once(models, config, name, phrase, pcm)
+        for name in CONFIGS if i % 2 == 0 else CONFIGS[::-1]:
+            run = await barge_in_once(models, peer, config, name, phrase, pcm)
             runs[name].append(run)
             print(
                 f"[{i + 1:2}/{len(phrases)}] {name:9} {run['reaction_ms']} ms "
@@ -115,6 +131,8 @@ def run_bench_barge_in(args: argparse.Namespace, config: Config) -> int:
     """Measure, write `args.json_out`, print a summary."""
     from appliance.audio.pcm import resample
     from appliance.session.modelset import ModelSet
+    from bench.livekit_server import free_port
+    from bench.peers import LIVEKIT_PEER_SETTINGS, LlamaServer, livekit_peer_models, model_paths
 
     if args.utterances < 1:
         print("error: --utterances must be at least 1", file=sys.stderr)
@@ -128,7 +146,10 @@ def run_bench_barge_in(args: argparse.Namespace, config: Config) -> int:
         phrases = [
             (text, resample(voice.synthesize(text), voice.sample_rate, RATE)) for text in texts
         ]
-        runs = asyncio.run(_bench(models, config, phrases))
+        gguf = model_paths(config)["llm"]
+        with LlamaServer(gguf, free_port(), config.agent.instructions) as server:
+            peer = livekit_peer_models(config, server.url, server.model)
+            runs = asyncio.run(_bench(models, peer, config, phrases))
     finally:
         models.close()
     results: dict[str, Any] = {
@@ -136,6 +157,7 @@ def run_bench_barge_in(args: argparse.Namespace, config: Config) -> int:
         "barge_in_after_s": BARGE_IN_AFTER_S,
         "what": "first loud sample of the user's phrase to the agent's playback pausing or "
         "being cut, on the converse timeline",
+        "livekit_settings": LIVEKIT_PEER_SETTINGS,
     }
     for name in CONFIGS:
         reactions = [r["reaction_ms"] for r in runs[name] if r["reaction_ms"] is not None]
@@ -145,7 +167,7 @@ def run_bench_barge_in(args: argparse.Namespace, config: Config) -> int:
             "not_stopped": sum(1 for r in runs[name] if r["reaction_ms"] is None),
             "runs": runs[name],
         }
-    a, s = results["appliance"]["reaction_ms"], results["stock"]["reaction_ms"]
+    a, s = results["appliance"]["reaction_ms"], results["livekit"]["reaction_ms"]
     results["ratio_p50"] = round(a["p50"] / s["p50"], 3) if a["p50"] and s["p50"] else None
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)

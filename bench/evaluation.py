@@ -1,61 +1,62 @@
-"""`python -m bench eval`: conversation quality on speech the appliance was not tuned on.
+"""`python -m bench eval`: the appliance and its peers on speech none of them was tuned on.
 
 Every item of the corpus (`bench/eval/corpus.json`, made by `scripts/make-eval-corpus.py`:
-other voices, factual questions with answer keys, arithmetic, short answers, statements,
-mid-sentence pauses, hesitations, dialogues) is put to a real AgentSession, the path
-`appliance converse` takes: one model set, items in sequence, a dialogue's turns in one
-session, each turn spoken after the previous reply has played. Per turn it records what
-was heard, the reply, whether the reply is right (the item's regexes), whether the agent's
-audio began before the user's last word (premature), the response time from the last word
-to the first reply sample, and whether that was over 2 s (a hold). The human read-speech
+six synthetic voices other than the appliance's, factual questions with answer keys,
+arithmetic, short answers, statements, mid-sentence pauses, hesitations, dialogues) is put
+to each configuration of `bench.peers` (the appliance; livekit-agents at its defaults;
+Pipecat), each in a process of its own, in an order that rotates per item. A dialogue's
+turns go to one session, each spoken after the previous reply has played. The microphone
+delivers each 20 ms frame at the end of its interval, and every reply is heard
+`OUTPUT_BUFFER_S` after the virtual card plays it (a sound card's output buffer).
+
+Per turn: what was heard, the reply, whether it is right (the item's regexes), whether the
+agent's audio began before the user's last word (premature), the response time from the
+last word to the first reply sample, and whether that was over 2 s (a hold); per
+configuration: percentiles with bootstrap intervals, CPU seconds per turn (the runner
+process, its children and, for a peer, the LLM server), peak RSS; per peer: the
+appliance's percentile ratios with paired bootstrap intervals. The human read-speech
 recordings are transcribed by the appliance's Whisper alone, for the word error rate.
-The stock session of `python -m bench latency` runs the same corpus beside it.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import datetime
 import json
 import logging
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import psutil
 
 from appliance.audio.files import read_audio
 from appliance.config import Config
 from appliance.converse import first_loud
-from appliance.observe import trace
-from bench.latency import (
-    RATE,
-    _cpu_seconds,
-    _ms,
-    _prime_llm,
-    percentile,
-    run_record,
-    stock_session,
-    word_error_rate,
-)
+from bench.latency import RATE, _cpu_seconds, run_record, word_error_rate
+from bench.stats import interval, paired_ratio_interval, percentile
 
 if TYPE_CHECKING:
+    from faster_whisper import WhisperModel
     from livekit.agents import AgentSession
 
     from appliance.session.modelset import ModelSet
+    from bench.peers import LlamaServer, Runner
 
 logger = logging.getLogger("appliance.eval")
 
 CORPUS = Path("bench/eval/corpus.json")
 HOLD_S = 2.0  # a reply later than this after the last word is a hold
-TURN_TIMEOUT_S = 30.0
+OUTPUT_BUFFER_S = 0.020  # a sound card's output buffer: heard this long after it is played
 READ_CHUNK_S = (20.0, 29.0)  # long recordings are cut at the quietest point in this span
-CONFIGS = ("appliance", "stock")
+CONFIGS = ("appliance", "livekit", "pipecat")
+PEERS = ("livekit", "pipecat")
+PERCENTILES = (50, 95, 99)
 
 
 @dataclass
@@ -111,7 +112,7 @@ def graded(reply: str, turn: Turn) -> bool | None:
     return any(re.search(key, reply, re.IGNORECASE) for key in turn.answer_keys)
 
 
-def read_speech_wer(models: ModelSet, item: Item) -> dict[str, Any]:
+def read_speech_wer(whisper: WhisperModel, beam: int, item: Item) -> dict[str, Any]:
     """Whisper alone on a human recording (cut at quiet points into < 30 s pieces)."""
     from appliance.plugins.whisper.engine import transcribe
 
@@ -127,8 +128,7 @@ def read_speech_wer(models: ModelSet, item: Item) -> dict[str, Any]:
         pieces.append(audio[start:cut])
         start = cut
     pieces.append(audio[start:])
-    beam = models.config.models.stt_beam_size
-    heard = " ".join(transcribe(models.whisper, piece, "en", beam_size=beam)[0] for piece in pieces)
+    heard = " ".join(transcribe(whisper, piece, "en", beam_size=beam)[0] for piece in pieces)
     return {
         "id": item.id,
         "voice": item.voice,
@@ -137,87 +137,105 @@ def read_speech_wer(models: ModelSet, item: Item) -> dict[str, Any]:
     }
 
 
+def score(rec: dict[str, Any], turn: Turn, recording: np.ndarray, rate: int) -> None:
+    """Fill in a turn record from the speaker's recording: `rec["start_s"]` is where the
+    turn's audio began on the recording's timeline. A push-to-talk turn (`released_s`)
+    is timed from the button's release instead of the last word."""
+    start = rec["start_s"]
+    end = rec.get("released_s", start + turn.speech_end_s)
+    earliest = first_loud(recording, rate, start)
+    rec["premature"] = earliest is not None and earliest + OUTPUT_BUFFER_S < end
+    first = first_loud(recording, rate, end)
+    heard_at = first + OUTPUT_BUFFER_S if first is not None else None
+    rec["response_ms"] = round((heard_at - end) * 1000, 1) if heard_at is not None else None
+    rec["hold"] = heard_at is None or heard_at - end > HOLD_S
+    rec["right"] = graded(rec["reply"], turn)
+    rec["wer"] = word_error_rate(turn.text, rec["heard"])
+
+
+def _record(name: str, item: Item, index: int, turn: Turn) -> dict[str, Any]:
+    return {
+        "config": name,
+        "id": item.id,
+        "turn": index,
+        "voice": item.voice,
+        "kind": item.kind,
+        "text": turn.text,
+    }
+
+
 async def run_item(
     name: str, models: ModelSet, config: Config, item: Item, session: AgentSession
 ) -> list[dict[str, Any]]:
-    """One corpus item through one session; a record per turn."""
-    from appliance.converse import greeting_played, wire
-    from appliance.session.builder import ApplianceAgent, end_session
+    """One corpus item through `session` in this process (the appliance's agent); a scored
+    record per turn."""
+    import psutil
+
+    from appliance.session.builder import ApplianceAgent
+    from bench.peers import _trace_figures, play_item
 
     proc = psutil.Process()
-    clock, mic, speaker, _, sync = wire(session, np.zeros(0, np.int16))
-    records: list[dict[str, Any]] = []
     cpu0 = _cpu_seconds(proc)
-    await session.start(ApplianceAgent(config.agent), record=False)
-    loop = asyncio.get_running_loop()
-    try:
-        await asyncio.wait_for(greeting_played(session), TURN_TIMEOUT_S)
-        for index, turn in enumerate(item.turns):
-            before = len(session.history.items)
-            pcm = read_audio(turn.audio)
-            mic.play(pcm)
-            assert mic.start_at is not None
-            start = mic.start_at
-            await asyncio.wait_for(mic.finished.wait(), TURN_TIMEOUT_S)
-            deadline = loop.time() + TURN_TIMEOUT_S
-            while loop.time() < deadline:
-                items = session.history.items[before:]
-                replied = any(i.type == "message" and i.role == "assistant" for i in items)
-                if replied and session.agent_state == "listening" and not speaker.playing:
-                    break
-                await asyncio.sleep(0.05)
-            new = session.history.items[before:]
-            users = [i.text_content or "" for i in new if i.type == "message" and i.role == "user"]
-            replies = [
-                i.text_content or "" for i in new if i.type == "message" and i.role == "assistant"
-            ]
-            records.append(
-                {
-                    "config": name,
-                    "id": item.id,
-                    "turn": index,
-                    "voice": item.voice,
-                    "kind": item.kind,
-                    "text": turn.text,
-                    "heard": " ".join(users),
-                    "user_turns": len(users),
-                    "reply": " ".join(replies),
-                    "start": start,
-                    "speech_end": start + turn.speech_end_s,
-                }
-            )
-    finally:
-        end_session(session, "evaluation item finished")
-        await session.aclose()
-        await sync.aclose()
-    recording = speaker.recording(until=clock.now())
-    rate = speaker.rate or RATE
-    cpu = (_cpu_seconds(proc) - cpu0) / max(1, len(records))
-    for rec, turn in zip(records, item.turns, strict=False):
-        _score(rec, turn, recording, rate, clock.origin)
-        rec["cpu_s"] = round(cpu, 3)
+    played, recording, rate, origin = await play_item(
+        session, ApplianceAgent(config.agent), [t.audio for t in item.turns]
+    )
+    cpu = (_cpu_seconds(proc) - cpu0) / max(1, len(played))
+    records = []
+    for index, (raw, turn) in enumerate(zip(played, item.turns, strict=False)):
+        rec = {**_record(name, item, index, turn), **raw, "cpu_s": round(cpu, 3)}
+        _trace_figures(rec, rec["start_s"] + turn.speech_end_s, recording, rate, origin)
+        score(rec, turn, recording, rate)
+        records.append(rec)
     return records
 
 
-def _score(
-    rec: dict[str, Any], turn: Turn, recording: np.ndarray, rate: int, origin: float
-) -> None:
-    start, end = rec.pop("start"), rec.pop("speech_end")
-    earliest = first_loud(recording, rate, start)
-    rec["premature"] = earliest is not None and earliest < end
-    first = first_loud(recording, rate, end)
-    rec["response_ms"] = _ms(first - end) if first is not None else None
-    parts = trace.critical_path(origin + end, origin + first) if first is not None else None
-    if parts:
-        rec["breakdown_ms"] = {k: _ms(v) for k, v in parts.items()}
-    rec["hold"] = first is None or first - end > HOLD_S
-    until = first if first is not None else end + TURN_TIMEOUT_S
-    rec["turn_decisions"] = [
-        {"at_ms": _ms(t - origin - end), **fields}
-        for t, fields in trace.decisions_between(origin + start, origin + until)
-    ]
-    rec["right"] = graded(rec["reply"], turn)
-    rec["wer"] = word_error_rate(turn.text, rec["heard"])
+def run_remote(
+    runner: Runner, item: Item, workdir: Path, release: float | None = None
+) -> list[dict[str, Any]]:
+    """One corpus item through a configuration's runner process; a scored record per turn
+    (a failed item: every turn a hold, graded turns wrong). With `release`, each turn is
+    spoken with a push-to-talk button held, released `release` s after the last word."""
+    out = workdir / f"{runner.name}-{item.id}.wav"
+    job: dict[str, Any] = {
+        "id": item.id,
+        "turns": [str(t.audio.resolve()) for t in item.turns],
+        "speech_end_s": [t.speech_end_s for t in item.turns],
+        "out": str(out),
+    }
+    if release is not None:
+        job["release_s"] = [t.speech_end_s + release for t in item.turns]
+    if runner.server is not None:
+        runner.server.prime()
+    cpu0 = runner.cpu_seconds()
+    reply = runner.run(job)
+    cpu = (runner.cpu_seconds() - cpu0) / len(item.turns)
+    played = reply.get("turns") or []
+    error = reply.get("error") or (None if len(played) == len(item.turns) else "turns missing")
+    recording = read_audio(out) if out.is_file() else np.zeros(0, np.int16)
+    out.unlink(missing_ok=True)
+    records = []
+    for index, turn in enumerate(item.turns):
+        rec = _record(runner.name, item, index, turn)
+        if release is not None:
+            rec["release_after_s"] = release
+        if index < len(played):
+            rec.update(played[index])
+            score(rec, turn, recording, RATE)
+        else:
+            rec.update(
+                heard="",
+                reply="",
+                premature=False,
+                hold=True,
+                response_ms=None,
+                right=False if turn.answer_keys else None,
+                wer=None,
+            )
+        rec["cpu_s"] = round(cpu, 3)
+        if error:
+            rec["error"] = error
+        records.append(rec)
+    return records
 
 
 def summarise(records: list[dict[str, Any]], read: list[dict[str, Any]]) -> dict[str, Any]:
@@ -238,7 +256,7 @@ def _figures(records: list[dict[str, Any]], read: list[dict[str, Any]]) -> dict[
     wers = [r["wer"] for r in records if r["wer"] is not None]
     read_wers = [r["wer"] for r in read if r["wer"] is not None]
     n = len(records)
-    return {
+    figures: dict[str, Any] = {
         "turns": n,
         "answers_right": sum(bool(r["right"]) for r in graded_turns),
         "graded": len(graded_turns),
@@ -249,76 +267,117 @@ def _figures(records: list[dict[str, Any]], read: list[dict[str, Any]]) -> dict[
         "pause_items": len(pauses),
         "holds": sum(r["hold"] for r in records),
         "holds_pct": _pct(sum(r["hold"] for r in records), n),
-        "response_p50_ms": percentile(times, 50),
-        "response_p95_ms": percentile(times, 95),
-        "transcript_wer_pct": round(100 * float(np.mean(wers)), 1) if wers else None,
-        "read_speech_wer_pct": round(100 * float(np.mean(read_wers)), 1) if read_wers else None,
-        "cpu_s_per_turn": round(float(np.mean([r["cpu_s"] for r in records])), 3) if n else None,
+        "failed_turns": sum("error" in r for r in records),
     }
+    for q in PERCENTILES:
+        figures[f"response_p{q}_ms"] = percentile(times, q)
+        figures[f"response_p{q}_ci_ms"] = interval(times, q)
+    figures.update(
+        transcript_wer_pct=round(100 * float(np.mean(wers)), 1) if wers else None,
+        read_speech_wer_pct=round(100 * float(np.mean(read_wers)), 1) if read_wers else None,
+        cpu_s_per_turn=round(float(np.mean([r["cpu_s"] for r in records])), 3) if n else None,
+    )
+    return figures
+
+
+def ratios(mine: list[dict[str, Any]], peer: list[dict[str, Any]]) -> dict[str, Any]:
+    """Appliance / peer response-time percentiles over the turns both answered, with
+    paired bootstrap intervals (the same turns drawn for both)."""
+    theirs = {(r["id"], r["turn"]): r["response_ms"] for r in peer}
+    pairs = [
+        (r["response_ms"], theirs[(r["id"], r["turn"])])
+        for r in mine
+        if r["response_ms"] is not None and theirs.get((r["id"], r["turn"])) is not None
+    ]
+    out: dict[str, Any] = {"paired_turns": len(pairs)}
+    if len(pairs) < 2:
+        return out
+    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+    for q in PERCENTILES:
+        out[f"p{q}"] = round(float(np.percentile(a, q) / np.percentile(b, q)), 3)
+        out[f"p{q}_ci"] = paired_ratio_interval(a, b, q)
+    return out
 
 
 def _pct(part: int, whole: int) -> float | None:
     return round(100 * part / whole, 1) if whole else None
 
 
-async def _evaluate(
-    models: ModelSet, config: Config, items: list[Item], configs: list[str]
-) -> dict[str, list[dict[str, Any]]]:
-    from appliance.session.builder import build_session
+def _runners(
+    configs: list[str],
+    config_path: str | None,
+    server: LlamaServer | None,
+    paths: dict[str, Path],
+    instructions: Path,
+) -> dict[str, Runner]:
+    """Start each configuration's runner (models loaded and warmed)."""
+    from bench.peers import PIPECAT_PEER, PIPECAT_PYTHON, Runner
 
-    factories = {
-        "appliance": lambda: build_session(config, models),
-        "stock": lambda: stock_session(models),
-    }
-    out: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
-    loop = asyncio.get_running_loop()
+    base = [sys.executable, "-m", "bench.peers", "serve"]
+    extra = ["--config", config_path] if config_path else []
+    runners: dict[str, Runner] = {}
+    for name in configs:
+        print(f"starting {name} ...", file=sys.stderr, flush=True)
+        if name == "appliance":
+            runners[name] = Runner(name, [*base, "appliance", *extra])
+            continue
+        assert server is not None
+        if name == "livekit":
+            cmd = [*base, "livekit", *extra]
+        else:
+            cmd = [str(PIPECAT_PYTHON), str(PIPECAT_PEER), "--whisper", str(paths["stt"])]
+            cmd += ["--piper", str(paths["tts"]), "--instructions-file", str(instructions)]
+        cmd += ["--llm-url", server.url, "--llm-model", server.model]
+        runners[name] = Runner(name, cmd, server=server)
+    return runners
+
+
+def variant(name: str, release: float | None) -> str:
+    """The results key of a configuration, with its push-to-talk release if any."""
+    return name if release is None else f"{name} ptt +{release * 1000:.0f} ms"
+
+
+def _evaluate(
+    runners: dict[str, Runner],
+    items: list[Item],
+    warmup: Item | None,
+    workdir: Path,
+    releases: list[float | None],
+) -> dict[str, list[dict[str, Any]]]:
+    names = list(runners)
+    if warmup is not None:  # each runner's first item pays first-call costs: not counted
+        for name in names:
+            run_remote(runners[name], warmup, workdir, releases[0])
+    runs = [(name, release) for release in releases for name in names]
+    out: dict[str, list[dict[str, Any]]] = {variant(*run): [] for run in runs}
     for n, item in enumerate(items, 1):
-        for name in configs:
-            await loop.run_in_executor(models.llm_executor, _prime_llm, models, config)
-            try:
-                records = await run_item(name, models, config, item, factories[name]())
-            except Exception as exc:  # a failed item is counted, not fatal
-                logger.warning("%s: %s failed: %r", name, item.id, exc)
-                records = [
-                    {
-                        "config": name,
-                        "id": item.id,
-                        "turn": i,
-                        "voice": item.voice,
-                        "kind": item.kind,
-                        "text": t.text,
-                        "heard": "",
-                        "reply": "",
-                        "premature": False,
-                        "hold": True,
-                        "response_ms": None,
-                        "right": False if t.answer_keys else None,
-                        "wer": None,
-                        "cpu_s": 0.0,
-                        "error": repr(exc),
-                    }
-                    for i, t in enumerate(item.turns)
-                ]
-            out[name].extend(records)
+        shift = n % len(runs)  # the order rotates per item
+        for name, release in runs[shift:] + runs[:shift]:
+            key = variant(name, release)
+            records = run_remote(runners[name], item, workdir, release)
+            out[key].extend(records)
             for rec in records:
                 mark = {True: "right", False: "WRONG", None: "-"}[rec["right"]]
                 flags = " PREMATURE" if rec["premature"] else ""
                 flags += " HOLD" if rec["hold"] else ""
+                flags += f" ERROR {rec['error']}" if rec.get("error") else ""
                 print(
-                    f"[{n}/{len(items)}] {name:9} {item.id}.{rec['turn']} {mark:5} "
+                    f"[{n}/{len(items)}] {key:9} {item.id}.{rec['turn']} {mark:5} "
                     f"{rec['response_ms'] or 0:6.0f} ms{flags}  {rec['heard']!r} -> "
                     f"{rec['reply'][:70]!r}",
                     file=sys.stderr,
                     flush=True,
                 )
-            await asyncio.sleep(0.2)
+            time.sleep(0.2)
     return out
 
 
 def run_eval(args: argparse.Namespace, config: Config) -> int:
     """`python -m bench eval`: run the corpus, write the JSON, print the summary."""
-    from appliance.session.modelset import ModelSet
+    from appliance.plugins.whisper.engine import load_model
     from appliance.store.disk import ModelError
+    from bench.livekit_server import free_port
+    from bench.peers import PIPECAT_PYTHON, LlamaServer, model_paths
 
     corpus = Path(args.corpus)
     if not corpus.is_file():
@@ -329,47 +388,133 @@ def run_eval(args: argparse.Namespace, config: Config) -> int:
     items = load_corpus(corpus, args.set)
     if args.limit:
         items = items[: args.limit]
+    if args.spread and args.spread < len(items):  # N items evenly over the set's kinds
+        picks = sorted({round(float(x)) for x in np.linspace(0, len(items) - 1, args.spread)})
+        items = [items[i] for i in picks]
     configs = [c for c in args.configs.split(",") if c]
-    if not items or any(c not in CONFIGS for c in configs):
+    if not items or not configs or any(c not in CONFIGS for c in configs):
         print(f"error: no items, or a configuration not in {CONFIGS}", file=sys.stderr)
         return 2
+    releases: list[float | None] = [None]
+    if args.ptt_release:
+        releases = [float(x) for x in args.ptt_release.split(",") if x]
+        if "pipecat" in configs:  # Pipecat has no push-to-talk (manual) turn mode of its own
+            print("note: push-to-talk: Pipecat left out (no manual turn mode)", file=sys.stderr)
+            configs.remove("pipecat")
+    if "pipecat" in configs and not PIPECAT_PYTHON.exists():
+        print("error: no Pipecat environment: run scripts/setup-pipecat-peer.sh", file=sys.stderr)
+        return 2
     try:
-        models = ModelSet(config)
-        models.warm()
+        paths = model_paths(config)
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 78
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.perf_counter()
-    try:
-        read = [read_speech_wer(models, i) for i in items if i.kind == "read_speech"]
-        spoken = [i for i in items if i.kind != "read_speech"]
-        records = asyncio.run(_evaluate(models, config, spoken, configs))
-    finally:
-        models.close()
+    read_items = [i for i in items if i.kind == "read_speech"]
+    spoken = [i for i in items if i.kind != "read_speech"]
+    read: list[dict[str, Any]] = []
+    if read_items:
+        whisper = load_model(str(paths["stt"]), threads=config.models.threads)
+        read = [read_speech_wer(whisper, config.models.stt_beam_size, i) for i in read_items]
+        del whisper
+    tune = [i for i in load_corpus(corpus, "tune") if i.kind == "question"]
+    warmup = tune[0] if tune and args.set != "tune" and not args.limit else None
+    peers = [c for c in configs if c in PEERS]
+    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp, contextlib.ExitStack() as stack:
+        workdir = Path(tmp)
+        instructions = workdir / "instructions.txt"
+        instructions.write_text(config.agent.instructions)
+        server = None
+        if peers:
+            server = LlamaServer(paths["llm"], free_port(), config.agent.instructions)
+            stack.enter_context(server)
+        runners = _runners(configs, args.config, server, paths, instructions)
+        for runner in runners.values():
+            stack.callback(runner.close)
+        records = _evaluate(runners, spoken, warmup, workdir, releases)
+        rss = {name: runner.peak_rss_mb() for name, runner in runners.items()}
+        settings = {name: runner.settings for name, runner in runners.items()}
     results: dict[str, Any] = {
         **run_record(started, config),
         "corpus": str(corpus),
         "set": args.set,
         "items": len(items),
+        "warmup_item": warmup.id if warmup else None,
         "seconds": round(time.perf_counter() - t0, 1),
         "read_speech": read,
         "hold_s": HOLD_S,
+        "output_buffer_ms": OUTPUT_BUFFER_S * 1000,
+        "models": {k: str(v) for k, v in paths.items()},
+        "push_to_talk_release_s": releases if args.ptt_release else None,
     }
-    for name in configs:
-        results[name] = {"summary": summarise(records[name], read), "turns": records[name]}
+    keys = [variant(name, release) for release in releases for name in configs]
+    for release in releases:
+        for name in configs:
+            key = variant(name, release)
+            summary = summarise(records[key], read if key == "appliance" else [])
+            summary["peak_rss_mb"] = rss[name]
+            results[key] = {"settings": settings.get(name) or {}, "summary": summary}
+    if "appliance" in configs:
+        results["ratios"] = {
+            variant(peer, release): ratios(
+                records[variant("appliance", release)], records[variant(peer, release)]
+            )
+            for release in releases
+            for peer in peers
+        }
+    for key in keys:
+        results[key]["turns"] = records[key]
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
-    for name in configs:
-        s = results[name]["summary"]
-        print(
-            f"{name:9}: answers right {s['answers_right']}/{s['graded']} "
-            f"({s['answers_right_pct']}%), premature {s['premature']}/{s['turns']} "
-            f"(on pauses {s['premature_on_pauses']}/{s['pause_items']}), holds {s['holds']} "
-            f"({s['holds_pct']}%), response p50 {s['response_p50_ms']} ms p95 "
-            f"{s['response_p95_ms']} ms, transcript WER {s['transcript_wer_pct']}%, read-speech "
-            f"WER {s['read_speech_wer_pct']}%, CPU {s['cpu_s_per_turn']} s/turn"
-        )
+    print_table(results, keys)
     print(f"results: {out}")
     return 0
+
+
+def print_table(results: dict[str, Any], configs: list[str]) -> None:
+    """The configurations side by side, then the appliance's ratios to each peer."""
+
+    def ms(s: dict[str, Any], q: int) -> str:
+        value, ci = s[f"response_p{q}_ms"], s[f"response_p{q}_ci_ms"]
+        if value is None:
+            return "-"
+        return f"{value:.0f} [{ci[0]:.0f}, {ci[1]:.0f}]" if ci else f"{value:.0f}"
+
+    rows: list[tuple[str, Any]] = [
+        ("turns", lambda s: str(s["turns"])),
+        (
+            "answers right",
+            lambda s: f"{s['answers_right']}/{s['graded']} ({s['answers_right_pct']}%)",
+        ),
+        (
+            "premature (on pauses)",
+            lambda s: f"{s['premature']} ({s['premature_on_pauses']}/{s['pause_items']})",
+        ),
+        ("holds > 2 s", lambda s: f"{s['holds']} ({s['holds_pct']}%)"),
+        ("response p50 [95% CI] ms", lambda s: ms(s, 50)),
+        ("response p95 [95% CI] ms", lambda s: ms(s, 95)),
+        ("response p99 [95% CI] ms", lambda s: ms(s, 99)),
+        ("transcript WER", lambda s: f"{s['transcript_wer_pct']}%"),
+        ("CPU s per turn", lambda s: f"{s['cpu_s_per_turn']}"),
+        ("peak RSS MB", lambda s: f"{s['peak_rss_mb']:.0f}"),
+        ("failed turns", lambda s: str(s["failed_turns"])),
+    ]
+    width = 26
+    print("".ljust(width) + "".join(name.ljust(24) for name in configs))
+    for label, cell in rows:
+        line = label.ljust(width)
+        line += "".join(cell(results[name]["summary"]).ljust(24) for name in configs)
+        print(line)
+    for peer, r in (results.get("ratios") or {}).items():
+        parts = []
+        for q in PERCENTILES:
+            if f"p{q}" in r:
+                ci = r[f"p{q}_ci"]
+                parts.append(f"p{q} {r[f'p{q}']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]")
+        print(f"appliance / {peer} ({r['paired_turns']} turns): " + ", ".join(parts))
+    read = results.get("read_speech") or []
+    if read:
+        wer = np.mean([r["wer"] for r in read if r["wer"] is not None])
+        print(f"read speech WER (appliance's Whisper alone): {100 * wer:.1f}%")

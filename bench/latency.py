@@ -1,15 +1,12 @@
-"""`python -m bench latency`: voice-to-voice latency of the appliance's session against a stock one.
+"""`python -m bench latency`: the appliance's voice-to-voice latency, stage by stage.
 
-Spoken questions are synthesized with the shared Piper voice, and each is put to two
-AgentSessions over the same loaded models, interleaved (appliance, stock, appliance, ...):
-
-* ``appliance``: `build_session(config, models)`, the session the daemon runs;
-* ``stock``: a plain AgentSession with the same local plugin objects and the reference's
-  default options, the batch Whisper STT wrapped in livekit's own `stt.StreamAdapter`.
-
-Voice-to-voice latency is read off the converse timeline: the first non-silent reply sample
-after the exact end of the question's speech. Per-stage figures come from livekit's
-per-message metrics. Results go to JSON, a summary to stdout, optionally a PNG chart.
+The tuning benchmark: spoken questions synthesized with the appliance's own Piper voice
+(the speech its latency work was tuned on; `python -m bench eval` measures on other
+voices, against the peers), each put to `build_session(config, models)`, the session the
+daemon runs. Voice-to-voice latency is read off the converse timeline: the first non-silent
+reply sample after the exact end of the question's speech. Per-stage figures come from
+livekit's per-message metrics and the plugins' trace marks. Results go to JSON, a summary
+to stdout, optionally a PNG chart of the critical path.
 """
 
 from __future__ import annotations
@@ -69,16 +66,7 @@ SPEECH_THRESHOLD = 300  # int16 amplitude: Piper's trailing near-silence stays b
 TIMEOUT_S = 30.0
 IDLE_SECONDS = 5.0
 IDLE_SETTLE_S = 1.0
-CONFIGS = ("appliance", "stock")
-# The AgentSession reference's defaults, passed as the reference names them.
-STOCK_OPTIONS: dict[str, Any] = {
-    "allow_interruptions": True,
-    "min_endpointing_delay": 0.5,
-    "max_endpointing_delay": 3.0,
-    "preemptive_generation": False,
-    "min_interruption_duration": 0.5,
-    "min_interruption_words": 0,
-}
+CONFIGS = ("appliance",)
 STAGES = tuple(stage for names in METRIC_STAGES.values() for stage in names.values())
 
 SessionFactory = Callable[[], "AgentSession"]
@@ -118,29 +106,6 @@ def make_utterances(models: ModelSet, count: int) -> list[Utterance]:
         Utterance(QUESTIONS[i % len(QUESTIONS)], pcm, speech_end_of(pcm))
         for i, pcm in enumerate(spoken_questions(models, count))
     ]
-
-
-def stock_session(models: ModelSet) -> AgentSession:
-    """A plain AgentSession: the ModelSet's plugins, the reference's default options.
-
-    Whisper runs as livekit runs any batch STT: wrapped in `stt.StreamAdapter` with the
-    session's VAD (what `Agent.default.stt_node` does for a non-streaming STT), so each
-    VAD segment is transcribed once at its end, with no interim transcripts, in Whisper's
-    full 30 s window; the TTS gets sentences, as livekit cuts them for a non-streaming
-    TTS. The turn
-    detector is livekit's local turn-detector-v1-mini. Call inside the running event loop.
-    """
-    from livekit.agents import AgentSession, inference, stt
-
-    vad = models.vad()
-    return AgentSession(
-        stt=stt.StreamAdapter(stt=models.stt(window="full"), vad=vad),
-        vad=vad,
-        llm=models.llm(),
-        tts=models.tts(chunks="sentence"),
-        turn_detection=inference.TurnDetector(version="v1-mini"),
-        **STOCK_OPTIONS,
-    )
 
 
 class LogTally(logging.Handler):
@@ -338,15 +303,11 @@ async def _cpu_percent(seconds: float) -> float:
 async def _bench(
     models: ModelSet, config: Config, utts: list[Utterance], tally: LogTally, rss: dict[str, float]
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float]]:
-    """The interleaved runs and the idle figures; `rss["appliance"]` gets the peak RSS
-    after the first appliance run, before any stock session (whose turn-detector-v1-mini
-    adds about 250 MB that the appliance, with smart-turn, never loads)."""
+    """The runs and the idle figures; `rss["appliance"]` gets the peak RSS after the first
+    run."""
     from appliance.session.builder import build_session
 
-    factories: dict[str, SessionFactory] = {
-        "appliance": lambda: build_session(config, models),
-        "stock": lambda: stock_session(models),
-    }
+    factories: dict[str, SessionFactory] = {"appliance": lambda: build_session(config, models)}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
     for i, utt in enumerate(utts):
         for name in CONFIGS:
@@ -555,10 +516,9 @@ def _print_summary(results: dict[str, Any]) -> None:
             f"             word error rate: STT {r['stt_wer']}, "
             f"reply transcribed back {r['reply_wer']}"
         )
-    print(f"  ratio p50 (appliance / stock): {results['ratio_p50']}")
     print(
-        f"  peak RSS {results['rss_appliance_mb']} MB after the first appliance run, "
-        f"{results['rss_mb']} MB with the stock session's models too; "
+        f"  peak RSS {results['rss_appliance_mb']} MB after the first run, "
+        f"{results['rss_mb']} MB at the end; "
         f"cold start {results['cold_start_s']} s, "
         f"idle CPU {results['idle_cpu_percent']} % of one core"
     )
@@ -626,49 +586,24 @@ def run_bench(args: argparse.Namespace, config: Config) -> int:
         "idle_seconds": IDLE_SECONDS,
     }
     for name in CONFIGS:
-        max_delay = (
-            config.session.max_endpointing_delay
-            if name == "appliance"
-            else STOCK_OPTIONS["max_endpointing_delay"]
-        )
-        results[name] = summarise(runs[name], idle[name], max_delay)
-    a, s = results["appliance"], results["stock"]
-    results["ratio_p50"] = round(a["p50_ms"] / s["p50_ms"], 3) if a["n"] and s["n"] else None
-    results["ratio_p95"] = round(a["p95_ms"] / s["p95_ms"], 3) if a["n"] and s["n"] else None
-    diffs = [
-        ra["v2v_ms"] - rs["v2v_ms"]
-        for ra, rs in zip(a["runs"], s["runs"], strict=True)
-        if "v2v_ms" in ra and "v2v_ms" in rs
-    ]
-    results["paired_diff_ms"] = {
-        "what": "appliance minus stock, per question, over questions both answered",
-        "n": len(diffs),
-        "p50": percentile(diffs, 50),
-        "mean": round(float(np.mean(diffs)), 1) if diffs else None,
-    }
+        results[name] = summarise(runs[name], idle[name], config.session.max_endpointing_delay)
+    a = results["appliance"]
     results["questions"] = [
         {"text": u.text, "seconds": round(len(u.pcm) / RATE, 3), "speech_end_s": u.speech_end}
         for u in utts
     ]
-    options = ", ".join(f"{k}={v!r}" for k, v in STOCK_OPTIONS.items())
-    results["stock_definition"] = (
-        "vad = models.vad(); AgentSession(stt=stt.StreamAdapter(stt=models.stt("
-        "window='full'), vad=vad), vad=vad, llm=models.llm(), tts=models.tts(), "
-        f"turn_detection=inference.TurnDetector(version='v1-mini'), {options})"
-    )
     results["notes"] = [
         "voice-to-voice = first reply sample louder than 300 (int16) after the last question "
         "sample louder than 300, both on the converse timeline",
         "before every run the LLM KV cache is primed with the system prompt and a neutral "
-        "question, so neither configuration reuses the other's prefill of the same question",
-        "runs alternate appliance, stock per question, in one process on one ModelSet",
+        "question, so no run reuses another's prefill of the same question",
     ]
     results["logged"] = tally.report()
 
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    code = 0 if a["n"] and s["n"] else 1
+    code = 0 if a["n"] else 1
     if args.chart:
         chart = Path(args.chart)
         chart.parent.mkdir(parents=True, exist_ok=True)

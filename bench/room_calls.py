@@ -34,33 +34,13 @@ from appliance.config import Config, LivekitConfig
 from bench.latency import QUESTIONS, run_record, spoken_questions
 from bench.livekit_server import Deployment, free_port
 from bench.sip_calls import RATE, call_level
+from bench.stats import interval, ratio_interval
 
 if TYPE_CHECKING:
     from appliance.observe.events import SessionInfo
     from appliance.session.modelset import ModelSet
 
-BOOTSTRAP = 2000
 AGENT_NAME = "bench-agent"
-
-
-def interval(values: list[float], pct: float, seed: int = 0) -> list[float] | None:
-    """Bootstrap 95 % interval of the `pct` percentile of `values`."""
-    if len(values) < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    data = np.asarray(values)
-    stats = np.percentile(rng.choice(data, (BOOTSTRAP, len(data))), pct, axis=1)
-    return [round(float(v), 1) for v in np.percentile(stats, [2.5, 97.5])]
-
-
-def ratio_interval(a: list[float], b: list[float], seed: int = 0) -> list[float] | None:
-    """Bootstrap 95 % interval of median(a) / median(b)."""
-    if len(a) < 2 or len(b) < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    ma = np.median(rng.choice(np.asarray(a), (BOOTSTRAP, len(a))), axis=1)
-    mb = np.median(rng.choice(np.asarray(b), (BOOTSTRAP, len(b))), axis=1)
-    return [round(float(v), 3) for v in np.percentile(ma / mb, [2.5, 97.5])]
 
 
 MODES = ("direct", "room", "trunk")

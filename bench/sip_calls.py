@@ -9,8 +9,14 @@ loaded model set. Each caller is a second `UserAgent` that dials it, plays spoke
 - the interval between the appliance's RTP packets (20 ms ideal) while N calls talk and
   the models run: how late the event loop sends;
 - voice-to-voice per question (the question's last loud sample sent to the first loud
-  sample of the reply received), for N concurrent calls, and the largest N whose p95 stays
-  under 1.5 s.
+  sample of the reply received), for N concurrent calls, with bootstrap 95 % intervals of
+  its p50 and p95, and the largest N whose p95 stays under 1.5 s;
+- the process's CPU seconds per question and its RSS (idle, and the peak while N calls
+  talk): the appliance's own, plus the callers' small share;
+- what each model adds to the RSS as the model set loads.
+
+The questions are the evaluation corpus's single-turn questions and sums (six voices that
+are not the appliance's), resampled to 8 kHz.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import itertools
 import json
 import sys
 import time
@@ -25,10 +32,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import psutil
 
 from appliance.config import Config
-from bench.latency import QUESTIONS, run_record, spoken_questions
+from appliance.session.modelset import rss_mb
+from bench.latency import _cpu_seconds, run_record
 from bench.livekit_server import free_port
+from bench.stats import interval
 from bench.usb_audio import LOUD, percentiles
 
 if TYPE_CHECKING:
@@ -39,6 +49,9 @@ RATE = 8000
 FRAME = 160
 V2V_LIMIT_MS = 1500.0
 QUESTIONS_PER_CALL = 3
+CORPUS_KINDS = ("question", "arithmetic")
+IDLE_SETTLE_S = 2.0
+IDLE_S = 5.0
 
 
 class Phone:
@@ -144,15 +157,34 @@ async def call_level(
                 sends.extend(np.diff(times).tolist())
                 call.rtp.send_times.clear()
 
-    collector = asyncio.create_task(collect_sends())
+    peak = memory_mb()
+
+    async def sample_rss() -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = memory_mb()
+            if now["rss"] > peak["rss"]:
+                peak.update(now)
+
+    proc = psutil.Process()
+    cpu0 = _cpu_seconds(proc)
+    tasks = [asyncio.create_task(collect_sends()), asyncio.create_task(sample_rss())]
     try:
         calls = await asyncio.gather(*(_one_call(caller, target, q, runs) for q in picks))
     finally:
-        collector.cancel()
+        for task in tasks:
+            task.cancel()
+    cpu = _cpu_seconds(proc) - cpu0
     v2v = [r["v2v_ms"] for r in runs if r["v2v_ms"] is not None]
     late = [abs(g - 0.02) * 1000 for g in sends]
     return {
         "calls": n,
+        "turns": len(runs),
+        "cpu_s_per_turn": round(cpu / max(1, len(runs)), 3),
+        "peak_rss_mb": peak["rss"],
+        "peak_rss_split_mb": peak,
+        "voice_to_voice_p50_ci_ms": interval(v2v, 50),
+        "voice_to_voice_p95_ci_ms": interval(v2v, 95),
         "invite_to_200_ms": percentiles([c["invite_to_200_ms"] for c in calls]),
         "answer_to_greeting_ms": percentiles(
             [c["answer_to_greeting_ms"] for c in calls if c["answer_to_greeting_ms"] is not None]
@@ -169,8 +201,8 @@ async def call_level(
 
 
 async def _bench(
-    models: ModelSet, config: Config, questions: list[np.ndarray], levels: list[int]
-) -> list[dict[str, Any]]:
+    models: ModelSet, config: Config, questions: list[np.ndarray], levels: list[int], turns: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from appliance.service import Service
     from appliance.sip.ua import UserAgent
     from appliance.systemd import Notifier
@@ -196,16 +228,52 @@ async def _bench(
     await caller.start()
     results = []
     try:
+        await asyncio.sleep(IDLE_SETTLE_S)
+        proc = psutil.Process()
+        cpu0, t0 = _cpu_seconds(proc), time.monotonic()
+        await asyncio.sleep(IDLE_S)
+        idle = {
+            "rss_mb": rss_mb(),
+            "rss_split_mb": memory_mb(),
+            "cpu_percent": round(100 * (_cpu_seconds(proc) - cpu0) / (time.monotonic() - t0), 1),
+        }
         for n in levels:
-            print(f"  {n} concurrent call(s)...", file=sys.stderr, flush=True)
+            per_call = -(-turns // n)
+            print(f"  {n} concurrent call(s), {per_call} questions each...", file=sys.stderr)
             target = f"sip:agent@127.0.0.1:{port}"
-            results.append(await call_level(appliance, caller, target, n, questions))
+            results.append(await call_level(appliance, caller, target, n, questions, per_call))
             await asyncio.sleep(1.0)
     finally:
         await caller.stop()
         service.request_stop("bench done")
         await daemon
-    return results
+    return idle, results
+
+
+def memory_mb(pid: int | str = "self") -> dict[str, float]:
+    """A process's resident memory in MB: all of it (`rss`), its own (`anon`: heap, the
+    repacked LLM weights) and mapped files (`file`: model files read through mmap, which
+    the kernel may drop and read again under memory pressure)."""
+    fields = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem"}
+    out = dict.fromkeys(fields.values(), 0.0)
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            parts = line.split()
+            if parts and parts[0] in fields:
+                out[fields[parts[0]]] = round(int(parts[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def corpus_questions(rate: int = RATE) -> list[np.ndarray]:
+    """The evaluation set's single-turn questions and sums, at `rate`, in corpus order."""
+    from appliance.audio.files import read_audio
+    from appliance.audio.pcm import resample
+    from bench.evaluation import CORPUS, load_corpus
+
+    items = [i for i in load_corpus(CORPUS, "eval") if i.kind in CORPUS_KINDS]
+    return [resample(read_audio(i.turns[0].audio), 16000, rate) for i in items]
 
 
 def run_bench_sip(args: argparse.Namespace, config: Config) -> int:
@@ -217,33 +285,64 @@ def run_bench_sip(args: argparse.Namespace, config: Config) -> int:
         config = config.model_copy(update={"agent": agent})
     models = ModelSet(config)
     models.warm()  # as the daemon does: the greeting is rendered here
-    questions = spoken_questions(models, len(QUESTIONS), RATE)
+    questions = corpus_questions()
     levels = [int(n) for n in args.calls.split(",")]
     try:
-        results = asyncio.run(_bench(models, config, questions, levels))
+        idle, results = asyncio.run(_bench(models, config, questions, levels, args.turns))
     finally:
         models.close()
     fit = [r["calls"] for r in results if (r["voice_to_voice_ms"]["p95"] or 1e9) < V2V_LIMIT_MS]
+    sure = [
+        r["calls"]
+        for r in results
+        if r["voice_to_voice_p95_ci_ms"] and r["voice_to_voice_p95_ci_ms"][1] < V2V_LIMIT_MS
+    ]
+    steps = models.times.rss_mb
+    names = list(steps)
     summary = {
         **run_record(started, config),
         "turn_detection": config.turn_detection,
-        "questions_per_call": QUESTIONS_PER_CALL,
+        "turns_per_level": args.turns,
+        "questions": f"{len(questions)} single-turn items ({', '.join(CORPUS_KINDS)}) of the "
+        "evaluation corpus, 8 kHz",
+        "model_rss_mb": {
+            "steps": steps,
+            "cost": {b: round(steps[b] - steps[a], 1) for a, b in itertools.pairwise(names)},
+        },
+        "idle": idle,
         "levels": results,
         "max_calls_with_p95_under_1500_ms": max(fit) if fit else 0,
+        "max_calls_with_p95_ci_under_1500_ms": max(sure) if sure else 0,
     }
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
+    cost = ", ".join(f"{k} {v:+.0f}" for k, v in summary["model_rss_mb"]["cost"].items())
+    print(f"RSS as the models load (MB): before {steps.get('before')}, {cost}")
+    split = idle["rss_split_mb"]
+    print(
+        f"idle: RSS {idle['rss_mb']:.0f} MB ({split['anon']:.0f} own, {split['file']:.0f} "
+        f"mapped files), CPU {idle['cpu_percent']} % of one core"
+    )
     for r in results:
         v2v, rtp = r["voice_to_voice_ms"], r["rtp_interval_deviation_ms"]
+        ci50, ci95 = r["voice_to_voice_p50_ci_ms"], r["voice_to_voice_p95_ci_ms"]
         print(
-            f"{r['calls']} call(s): INVITE->200 p50 {r['invite_to_200_ms']['p50']} ms, "
-            f"answer->greeting p50 {r['answer_to_greeting_ms']['p50']} ms, "
-            f"voice-to-voice p50 {v2v['p50']} / p95 {v2v['p95']} ms "
-            f"(failures {r['failures']}), RTP interval deviation p95 {rtp['p95']} / "
-            f"max {rtp['max']} ms"
+            f"{r['calls']} call(s), {r['turns']} questions: voice-to-voice p50 {v2v['p50']} "
+            f"{ci50} / p95 {v2v['p95']} {ci95} ms (failures {r['failures']}); CPU "
+            f"{r['cpu_s_per_turn']} s per question; peak RSS {r['peak_rss_mb']:.0f} MB "
+            f"({r['peak_rss_split_mb']['anon']:.0f} own); "
+            f"INVITE->200 p50 {r['invite_to_200_ms']['p50']} ms, answer->greeting p50 "
+            f"{r['answer_to_greeting_ms']['p50']} ms, RTP interval deviation p95 {rtp['p95']} "
+            f"/ max {rtp['max']} ms"
         )
-    fits = summary["max_calls_with_p95_under_1500_ms"]
-    print(f"largest number of calls with p95 voice-to-voice < 1.5 s: {fits}")
+    fits, sure_fits = (
+        summary["max_calls_with_p95_under_1500_ms"],
+        summary["max_calls_with_p95_ci_under_1500_ms"],
+    )
+    print(
+        f"largest number of calls with p95 voice-to-voice < 1.5 s: {fits} "
+        f"(with its whole 95 % interval under: {sure_fits})"
+    )
     print(f"results: {out}")
     return 0

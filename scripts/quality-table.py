@@ -3,8 +3,8 @@
     .venv/bin/python scripts/quality-table.py bench/eval-results.json bench/quality/eval-*.json
 
 Each JSON file is what `python -m bench eval --json` wrote; every configuration in it (appliance,
-stock) gives a row, named after the file's `--config` (or "default") and the
-configuration.
+livekit, pipecat; "stock" in files from before 2026-12-04 18:00) gives a row, named after the
+file's `--config` (or "default") and the configuration.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     name = "default" if config == "<defaults>" else Path(config).stem
     return [
         (f"{name} ({key}, {data['set']} set, {data['date'][:16]})", data[key]["summary"])
-        for key in ("appliance", "stock")
+        for key in ("appliance", "livekit", "pipecat", "stock")
         if key in data
     ]
 

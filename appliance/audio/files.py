@@ -53,7 +53,8 @@ class Clock:
 
 
 class WavAudioInput(io.AudioInput):
-    """Feeds int16 mono audio in real time from `start_at` on the clock, then silence."""
+    """Feeds int16 mono audio in real time from `start_at` on the clock, then silence; each
+    20 ms frame is delivered when its last sample has been "captured"."""
 
     def __init__(self, pcm: np.ndarray, clock: Clock, *, rate: int = SESSION_RATE) -> None:
         super().__init__(label="wav-input")
@@ -76,12 +77,13 @@ class WavAudioInput(io.AudioInput):
         self.start()
 
     async def __anext__(self) -> rtc.AudioFrame:
-        due = self._index * FRAME_MS / 1000
+        # a frame is delivered at the end of the 20 ms it covers, as a sound card does
+        due = (self._index + 1) * FRAME_MS / 1000
         delay = due - self._clock.now()
         if delay > 0:
             await asyncio.sleep(delay)
         elif delay < -0.2:  # detached (nobody read) or stalled: drop what a live mic lost
-            self._index = int(self._clock.now() * 1000 / FRAME_MS)
+            self._index = max(0, int(self._clock.now() * 1000 / FRAME_MS) - 1)
         chunk = np.zeros(self._step, np.int16)
         if self.start_at is not None:
             offset = self._index * self._step - int(self.start_at * self._rate)

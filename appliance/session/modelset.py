@@ -55,6 +55,17 @@ class LoadTimes:
     verify_s: float = 0.0
     load_s: dict[str, float] = field(default_factory=dict)
     warm_s: float = 0.0
+    # the process's RSS (MB) before loading and after each step: what each model costs
+    rss_mb: dict[str, float] = field(default_factory=dict)
+
+
+def rss_mb() -> float:
+    """This process's resident set size in MB (0 where /proc is missing)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 class ModelSet:
@@ -71,6 +82,7 @@ class ModelSet:
         manifest = load_manifest(cfg.manifest)
         self.entries = {model_id: manifest.models[model_id] for model_id in config.models_in_use()}
         self.times = LoadTimes()
+        self.times.rss_mb["before"] = rss_mb()
 
         t0 = time.perf_counter()
         if cfg.verify:
@@ -89,6 +101,7 @@ class ModelSet:
 
         def timed(name: str, start: float) -> None:
             self.times.load_s[name] = round(time.perf_counter() - start, 3)
+            self.times.rss_mb[name] = rss_mb()
 
         t = time.perf_counter()
         gguf = path(cfg.llm, ".gguf")
@@ -157,6 +170,7 @@ class ModelSet:
         if self.smart_turn is not None:
             self.smart_turn.predict(np.zeros(16000, np.int16))
         self.times.warm_s = time.perf_counter() - t
+        self.times.rss_mb["warm"] = rss_mb()
 
     # -- per-session plugin objects (call inside the running event loop) --
 

@@ -102,6 +102,10 @@ class LocalLlama:
             n_threads=threads,
             n_threads_batch=threads,
             n_batch=512,
+            # read into memory, not mapped: the CPU backend repacks most weights into a copy
+            # of its own, and with a mapping the file's pages stay resident beside it (the
+            # default 1.5B model: 2.25 GB RSS mapped, 1.56 GB read; same speed)
+            use_mmap=False,
             verbose=False,
         )
         meta = self.llama.metadata
