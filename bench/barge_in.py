@@ -58,7 +58,7 @@ def speech_start_of(pcm: np.ndarray, threshold: int = SPEECH_THRESHOLD) -> float
 
 async def barge_in_once(
     models: ModelSet,
-    peer: LivekitPeerModels,
+    peer: LivekitPeerModels | None,
     config: Config,
     name: str,
     phrase: str,
@@ -75,6 +75,7 @@ async def barge_in_once(
     if name == "appliance":
         session, agent = build_session(config, models), ApplianceAgent(config.agent)
     else:
+        assert peer is not None, "the livekit configuration needs its models"
         session, agent = livekit_peer_session(peer), Agent(instructions=config.agent.instructions)
     _, mic, speaker, events, sync = wire(session, pcm)
     loop = asyncio.get_running_loop()

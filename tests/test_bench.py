@@ -62,7 +62,8 @@ def test_talking_over_the_agent_stops_it_and_the_measure_sees_where(
 
     config = config_mod.parse({}, "<defaults>")
     phrase = "Wait, stop please."
-    run = asyncio.run(barge_in_once(models, config, "appliance", phrase, speak(phrase, 0.0)))
+    pcm = speak(phrase, 0.0)
+    run = asyncio.run(barge_in_once(models, None, config, "appliance", phrase, pcm))
     assert run["reaction_ms"] is not None and run["reaction_ms"] > 0, run  # it stopped after
     assert run["interrupted"] is True, run
     assert run["paused_or_cut"] == 1, run  # paused once, then cut: never resumed in between
