@@ -547,17 +547,33 @@ def process_cpu_seconds(pid: int) -> float:
 
 def peak_rss_mb(pid: int) -> float:
     """VmHWM of a process and its live descendants, in MB."""
-    total = 0.0
     try:
         procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     except psutil.Error:
         return 0.0
-    for proc in procs:
-        with contextlib.suppress(psutil.Error, OSError):
-            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1]) / 1024
-    return total
+    return sum(memory_mb(proc.pid)["peak"] for proc in procs)
+
+
+def memory_mb(pid: int | str = "self") -> dict[str, float]:
+    """A process's resident memory in MB: all of it (`rss`), its own (`anon`: heap, the
+    repacked LLM weights) and mapped files (`file`: model files read through mmap, which
+    the kernel may drop and read again under memory pressure), and the peak RSS (`peak`)."""
+    fields = {
+        "VmRSS:": "rss",
+        "RssAnon:": "anon",
+        "RssFile:": "file",
+        "RssShmem:": "shmem",
+        "VmHWM:": "peak",
+    }
+    out = dict.fromkeys(fields.values(), 0.0)
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            parts = line.split()
+            if parts and parts[0] in fields:
+                out[fields[parts[0]]] = round(int(parts[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
 
 
 if __name__ == "__main__":

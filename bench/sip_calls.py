@@ -38,6 +38,7 @@ from appliance.config import Config
 from appliance.session.modelset import rss_mb
 from bench.latency import _cpu_seconds, run_record
 from bench.livekit_server import free_port
+from bench.peers import memory_mb
 from bench.stats import interval
 from bench.usb_audio import LOUD, percentiles
 
@@ -248,22 +249,6 @@ async def _bench(
         service.request_stop("bench done")
         await daemon
     return idle, results
-
-
-def memory_mb(pid: int | str = "self") -> dict[str, float]:
-    """A process's resident memory in MB: all of it (`rss`), its own (`anon`: heap, the
-    repacked LLM weights) and mapped files (`file`: model files read through mmap, which
-    the kernel may drop and read again under memory pressure)."""
-    fields = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem"}
-    out = dict.fromkeys(fields.values(), 0.0)
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            parts = line.split()
-            if parts and parts[0] in fields:
-                out[fields[parts[0]]] = round(int(parts[1]) / 1024, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
 
 
 def corpus_questions(rate: int = RATE) -> list[np.ndarray]:

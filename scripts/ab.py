@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.stats import interval, paired_ratio_interval, percentile  # noqa: E402
+from bench.evaluation import summarise  # noqa: E402
+from bench.stats import paired_ratio_interval  # noqa: E402
 
 
 def git(*args: str) -> str:
@@ -50,22 +51,6 @@ def run_round(tree: Path, out: Path, args: argparse.Namespace) -> list[dict[str,
         cmd += ["--config", str(Path(args.config).resolve())]
     subprocess.run(cmd, cwd=tree, check=True)
     return list(json.loads(out.read_text())["appliance"]["turns"])
-
-
-def figures(turns: list[dict[str, Any]]) -> dict[str, Any]:
-    times = [t["response_ms"] for t in turns if t["response_ms"] is not None]
-    graded = [t for t in turns if t["right"] is not None]
-    return {
-        "turns": len(turns),
-        "answers_right": f"{sum(bool(t['right']) for t in graded)}/{len(graded)}",
-        "premature": sum(t["premature"] for t in turns),
-        "holds": sum(t["hold"] for t in turns),
-        "response_p50_ms": percentile(times, 50),
-        "response_p50_ci_ms": interval(times, 50),
-        "response_p95_ms": percentile(times, 95),
-        "response_p95_ci_ms": interval(times, 95),
-        "cpu_s_per_turn": round(sum(t["cpu_s"] for t in turns) / max(1, len(turns)), 3),
-    }
 
 
 def main() -> int:
@@ -97,7 +82,7 @@ def main() -> int:
     result: dict[str, Any] = {
         "command": " ".join(sys.argv),
         "commits": commits,
-        **{side: figures(turns[side]) for side in commits},
+        **{side: summarise(turns[side], []) for side in commits},
     }
     b_times = {(t["round"], t["id"], t["turn"]): t["response_ms"] for t in turns["B"]}
     pairs = [
@@ -122,7 +107,7 @@ def main() -> int:
     for side in commits:
         f = result[side]
         print(
-            f"{side} {commits[side]}: answers right {f['answers_right']}, premature "
+            f"{side} {commits[side]}: answers right {f['answers_right']}/{f['graded']}, premature "
             f"{f['premature']}, holds {f['holds']}, response p50 {f['response_p50_ms']} "
             f"{f['response_p50_ci_ms']} / p95 {f['response_p95_ms']} {f['response_p95_ci_ms']} "
             f"ms, CPU {f['cpu_s_per_turn']} s per turn"
